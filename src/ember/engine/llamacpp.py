@@ -1,0 +1,473 @@
+"""The one module that talks to llama.cpp (through llama-cpp-python's low-level ctypes API).
+
+Everything above this file works with Python types: token lists, bytes, options. The names of the C API
+drift between llama-cpp-python releases, so `check_backend()` verifies what ember needs once, at first use,
+and fails with a message that says what to install instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections import deque
+from functools import cache
+from pathlib import Path
+
+import llama_cpp as lib
+from llama_cpp import llama_grammar
+
+from ember.errors import BackendVersionError, EngineError, InvalidRequestError, ModelLoadError
+from ember.options import LoadOptions, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS = ">=0.3.36,<0.4"
+JSON_GRAMMAR = llama_grammar.JSON_GBNF
+
+_REQUIRED_FUNCTIONS = (
+    "llama_backend_init",
+    "llama_model_load_from_file",
+    "llama_model_free",
+    "llama_init_from_model",
+    "llama_free",
+    "llama_model_get_vocab",
+    "llama_vocab_n_tokens",
+    "llama_vocab_is_eog",
+    "llama_vocab_get_add_bos",
+    "llama_vocab_bos",
+    "llama_vocab_eos",
+    "llama_tokenize",
+    "llama_token_to_piece",
+    "llama_batch_init",
+    "llama_batch_free",
+    "llama_decode",
+    "llama_get_memory",
+    "llama_memory_clear",
+    "llama_memory_seq_rm",
+    "llama_memory_seq_cp",
+    "llama_memory_seq_pos_max",
+    "llama_sampler_chain_init",
+    "llama_sampler_chain_add",
+    "llama_sampler_chain_get",
+    "llama_sampler_chain_n",
+    "llama_sampler_sample",
+    "llama_sampler_accept",
+    "llama_sampler_free",
+    "llama_sampler_init_greedy",
+    "llama_sampler_init_dist",
+    "llama_sampler_init_top_k",
+    "llama_sampler_init_top_p",
+    "llama_sampler_init_min_p",
+    "llama_sampler_init_typical",
+    "llama_sampler_init_temp",
+    "llama_sampler_init_penalties",
+    "llama_sampler_init_mirostat",
+    "llama_sampler_init_mirostat_v2",
+    "llama_sampler_init_grammar",
+    "llama_model_chat_template",
+    "llama_model_meta_val_str",
+    "llama_model_n_ctx_train",
+    "llama_model_n_layer",
+    "llama_model_n_embd",
+    "llama_model_size",
+    "llama_model_n_params",
+    "llama_model_desc",
+    "llama_supports_gpu_offload",
+)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+# llama.cpp keeps a pointer to the callback; holding it here keeps ctypes from freeing it.
+_log_callback = None
+_GGML_LOG_ERROR = 3
+_GGML_LOG_CONTINUE = 5
+# llama.cpp explains a failed load only in its log; the last error lines go into ember's error message.
+_recent_errors: deque[str] = deque(maxlen=4)
+_last_level = 0
+
+
+def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    global _last_level
+    if level != _GGML_LOG_CONTINUE:
+        _last_level = level
+    line = text.decode("utf-8", "replace").rstrip() if text else ""
+    if not line:
+        return
+    if _last_level == _GGML_LOG_ERROR:
+        _recent_errors.append(line)
+    log.debug("llama.cpp: %s", line)
+
+
+def _last_llama_error() -> str:
+    return _recent_errors[-1] if _recent_errors else ""
+
+
+def backend_version() -> str:
+    return str(lib.__version__)
+
+
+def check_backend() -> None:
+    """Initialize llama.cpp once; raise BackendVersionError if this llama-cpp-python lacks what ember needs."""
+    global _backend_ready, _log_callback
+    with _backend_lock:
+        if _backend_ready:
+            return
+        missing = [name for name in _REQUIRED_FUNCTIONS if not hasattr(lib, name)]
+        if missing:
+            raise BackendVersionError(
+                f"llama-cpp-python {backend_version()} lacks {', '.join(missing)}; "
+                f"install a version in the range {SUPPORTED_VERSIONS}"
+            )
+        _log_callback = lib.llama_log_callback(_route_llama_log)
+        lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        lib.llama_backend_init()
+        _backend_ready = True
+
+
+def supports_gpu_offload() -> bool:
+    check_backend()
+    return bool(lib.llama_supports_gpu_offload())
+
+
+@cache
+def physical_cores() -> int:
+    """Physical cores this process may use: llama.cpp runs slower on hyper-threads than without them."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        allowed = os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    try:
+        physical_id = core_id = ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                physical_id = value.strip()
+            elif key == "core id":
+                core_id = value.strip()
+                cores.add((physical_id, core_id))
+    except OSError:
+        pass
+    return max(1, min(allowed, len(cores) or allowed))
+
+
+class LlamaModel:
+    """Weights and vocabulary of one GGUF file, loaded by llama.cpp."""
+
+    def __init__(self, path: Path, options: LoadOptions) -> None:
+        check_backend()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = _gpu_layers(options.num_gpu)
+        params.main_gpu = options.main_gpu
+        params.use_mmap = True if options.use_mmap is None else options.use_mmap
+        params.use_mlock = options.use_mlock
+        self.path = path
+        self.gpu_layers = params.n_gpu_layers
+        _recent_errors.clear()
+        self._model = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            reason = _last_llama_error() or "unsupported architecture or not enough memory"
+            raise ModelLoadError(
+                f"llama.cpp (llama-cpp-python {backend_version()}) could not load {path.name}: {reason}"
+            )
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train: int = lib.llama_model_n_ctx_train(self._model)
+        self.n_layer: int = lib.llama_model_n_layer(self._model)
+        self.n_embd: int = lib.llama_model_n_embd(self._model)
+        self.size_bytes: int = lib.llama_model_size(self._model)
+        self.n_params: int = lib.llama_model_n_params(self._model)
+        self.add_bos: bool = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self.bos_token: int = lib.llama_vocab_bos(self._vocab)
+        self.eos_token: int = lib.llama_vocab_eos(self._vocab)
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self._eog = [bool(lib.llama_vocab_is_eog(self._vocab, token)) for token in range(self.n_vocab)]
+
+    @property
+    def handle(self) -> lib.llama_model_p:
+        if not self._model:
+            raise EngineError("the model has been closed")
+        return self._model
+
+    def close(self) -> None:
+        if self._model:
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def description(self) -> str:
+        buffer = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(self.handle, buffer, len(buffer))
+        return buffer.value.decode("utf-8", "replace")
+
+    def metadata(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(4096)
+        length = lib.llama_model_meta_val_str(self.handle, key.encode(), buffer, len(buffer))
+        if length < 0:
+            return None
+        if length >= len(buffer):
+            buffer = ctypes.create_string_buffer(length + 1)
+            lib.llama_model_meta_val_str(self.handle, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", "replace")
+
+    def chat_template(self) -> str | None:
+        template = lib.llama_model_chat_template(self.handle, None)
+        return template.decode("utf-8", "replace") if template else None
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        tokens = (lib.llama_token * capacity)()
+        count = lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if count < 0:  # buffer too small: llama.cpp returns minus the size it needs
+            capacity = -count
+            tokens = (lib.llama_token * capacity)()
+            count = lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
+            if count < 0:
+                raise EngineError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+        return list(tokens[:count])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token stands for; control tokens (such as <|im_end|>) give b''."""
+        cached = self._pieces[token]
+        if cached is None:
+            buffer = self._piece_buffer
+            length = lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+            if length < 0:
+                buffer = ctypes.create_string_buffer(-length)
+                length = lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+            cached = self._pieces[token] = buffer.raw[:length]
+        return cached
+
+    def token_text(self, token: int) -> str:
+        """The text of a token including special ones (for showing control tokens such as BOS)."""
+        buffer = ctypes.create_string_buffer(256)
+        length = lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[: max(length, 0)].decode("utf-8", "replace")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(token) for token in tokens).decode("utf-8", "replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return self._eog[token]
+
+    def validate_token(self, token: int) -> None:
+        if not 0 <= token < self.n_vocab:
+            raise InvalidRequestError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})")
+
+
+def _gpu_layers(num_gpu: int) -> int:
+    if num_gpu >= 0:
+        return num_gpu
+    return 999 if lib.llama_supports_gpu_offload() else 0
+
+
+_FLASH_ATTENTION = {
+    None: lib.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+class LlamaContext:
+    """A llama.cpp context: the KV cache for `num_parallel` sequences of `num_ctx` tokens each.
+
+    The cache is not unified: each sequence has its own stream of cells, so a sequence computes exactly
+    the same numbers whether it is decoded alone or next to others (batch-invariant output).
+    """
+
+    def __init__(self, model: LlamaModel, options: LoadOptions) -> None:
+        params = lib.llama_context_default_params()
+        threads = options.num_thread or physical_cores()
+        params.n_ctx = options.num_ctx * options.num_parallel
+        params.n_batch = options.num_batch
+        params.n_ubatch = min(options.num_batch, 512)
+        params.n_seq_max = options.num_parallel
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.flash_attn_type = _FLASH_ATTENTION[options.flash_attn]
+        params.kv_unified = False
+        params.no_perf = True
+        self.model = model
+        self.n_seq_max = options.num_parallel
+        self.n_batch = options.num_batch
+        self.threads = threads
+        _recent_errors.clear()
+        self._ctx = lib.llama_init_from_model(model.handle, params)
+        if not self._ctx:
+            reason = _last_llama_error() or "not enough memory"
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {options.num_ctx} tokens x {options.num_parallel} "
+                f"sequences ({reason}); lower num_ctx or num_parallel"
+            )
+        self.n_ctx: int = lib.llama_n_ctx(self._ctx)
+        self._memory = lib.llama_get_memory(self._ctx)
+
+    @property
+    def handle(self) -> lib.llama_context_p:
+        if not self._ctx:
+            raise EngineError("the context has been closed")
+        return self._ctx
+
+    def close(self) -> None:
+        if self._ctx:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def decode(self, batch: TokenBatch) -> None:
+        status = lib.llama_decode(self.handle, batch.raw)
+        if status != 0:
+            reasons = {1: "no room left in the KV cache", 2: "the decode was aborted", -1: "the batch was invalid"}
+            raise EngineError(f"llama_decode failed ({reasons.get(status, f'status {status}')})")
+
+    def forget(self, seq_id: int, start: int = -1, end: int = -1) -> bool:
+        """Drop the cached cells of a sequence in positions [start, end); -1 means open-ended."""
+        return bool(lib.llama_memory_seq_rm(self._memory, seq_id, start, end))
+
+    def copy_sequence(self, source: int, target: int, start: int = -1, end: int = -1) -> None:
+        lib.llama_memory_seq_cp(self._memory, source, target, start, end)
+
+    def last_position(self, seq_id: int) -> int:
+        return int(lib.llama_memory_seq_pos_max(self._memory, seq_id))
+
+    def clear(self) -> None:
+        lib.llama_memory_clear(self._memory, True)
+
+
+class TokenBatch:
+    """A reusable llama_batch: one token per entry, each in one sequence."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = lib.llama_batch_init(capacity, 0, 1)
+        self._token = self.raw.token
+        self._pos = self.raw.pos
+        self._n_seq_id = self.raw.n_seq_id
+        self._seq_id = self.raw.seq_id
+        self._logits = self.raw.logits
+        self.size = 0
+
+    def clear(self) -> None:
+        self.size = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, position: int, seq_id: int, wants_logits: bool) -> int:
+        """Append a token; return its index in the batch (where its logits will be, if asked for)."""
+        index = self.size
+        if index >= self.capacity:
+            raise EngineError(f"the batch is full ({self.capacity} tokens)")
+        self._token[index] = token
+        self._pos[index] = position
+        self._n_seq_id[index] = 1
+        self._seq_id[index][0] = seq_id
+        self._logits[index] = wants_logits
+        self.size = index + 1
+        self.raw.n_tokens = self.size
+        return index
+
+    def close(self) -> None:
+        if self.raw is not None:
+            lib.llama_batch_free(self.raw)
+            self.raw = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Sampler:
+    """One sequence's sampler chain, built from its SamplingOptions (and grammar, when one is given).
+
+    Order as in llama.cpp's common sampler: grammar, penalties, then greedy, or mirostat, or
+    top_k -> typical_p -> top_p -> min_p -> temperature -> random draw.
+    """
+
+    def __init__(self, model: LlamaModel, options: SamplingOptions, *, num_ctx: int, grammar: str | None) -> None:
+        self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self._penalties_index: int | None = None
+        self.penalty_window = num_ctx if options.repeat_last_n < 0 else options.repeat_last_n
+        seed = lib.LLAMA_DEFAULT_SEED if options.seed < 0 else options.seed
+        if grammar is not None:
+            grammar_sampler = lib.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
+            if not grammar_sampler:
+                self.close()
+                raise InvalidRequestError("the grammar could not be parsed; check its GBNF syntax")
+            self._add(grammar_sampler)
+        penalized = options.repeat_penalty != 1.0 or options.frequency_penalty or options.presence_penalty
+        if penalized and self.penalty_window > 0:
+            self._penalties_index = self._add(
+                _init_penalties(
+                    model.n_vocab,
+                    self.penalty_window,
+                    options.repeat_penalty,
+                    options.frequency_penalty,
+                    options.presence_penalty,
+                )
+            )
+        if options.temperature <= 0:
+            self._add(lib.llama_sampler_init_greedy())
+        elif options.mirostat == 1:
+            self._add(lib.llama_sampler_init_temp(options.temperature))
+            self._add(lib.llama_sampler_init_mirostat(model.n_vocab, seed, options.mirostat_tau,
+                                                      options.mirostat_eta, 100))
+        elif options.mirostat == 2:
+            self._add(lib.llama_sampler_init_temp(options.temperature))
+            self._add(lib.llama_sampler_init_mirostat_v2(seed, options.mirostat_tau, options.mirostat_eta))
+        else:
+            if options.top_k > 0:
+                self._add(lib.llama_sampler_init_top_k(options.top_k))
+            if options.typical_p < 1.0:
+                self._add(lib.llama_sampler_init_typical(options.typical_p, 1))
+            if options.top_p < 1.0:
+                self._add(lib.llama_sampler_init_top_p(options.top_p, 1))
+            if options.min_p > 0.0:
+                self._add(lib.llama_sampler_init_min_p(options.min_p, 1))
+            self._add(lib.llama_sampler_init_temp(options.temperature))
+            self._add(lib.llama_sampler_init_dist(seed))
+
+    def _add(self, sampler: lib.llama_sampler_p) -> int:
+        lib.llama_sampler_chain_add(self._chain, sampler)
+        return lib.llama_sampler_chain_n(self._chain) - 1
+
+    def remember(self, tokens: list[int]) -> None:
+        """Show prompt tokens to the repetition penalties only (the grammar must not see them)."""
+        if self._penalties_index is None or not tokens:
+            return
+        penalties = lib.llama_sampler_chain_get(self._chain, self._penalties_index)
+        for token in tokens[-self.penalty_window :]:
+            lib.llama_sampler_accept(penalties, token)
+
+    def sample(self, context: LlamaContext, batch_index: int) -> int:
+        """Pick the next token from the logits at `batch_index` of the last decode, and accept it."""
+        return int(lib.llama_sampler_sample(self._chain, context.handle, batch_index))
+
+    def close(self) -> None:
+        if self._chain:
+            lib.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _init_penalties(n_vocab: int, last_n: int, repeat: float, frequency: float, presence: float) -> object:
+    # llama.cpp added n_vocab as the first parameter in late 2025; older builds take four.
+    if len(lib.llama_sampler_init_penalties.argtypes) == 5:
+        return lib.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence)
+    return lib.llama_sampler_init_penalties(last_n, repeat, frequency, presence)
+
+
+def json_schema_grammar(schema_json: str) -> str:
+    """GBNF grammar that only admits JSON valid under the given JSON schema."""
+    try:
+        return str(llama_grammar.json_schema_to_gbnf(schema_json))
+    except Exception as error:  # the converter raises bare Exceptions and KeyErrors on schemas it cannot do
+        raise InvalidRequestError(f"the JSON schema cannot be turned into a grammar: {error}") from None

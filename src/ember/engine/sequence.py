@@ -1,0 +1,95 @@
+"""One sequence's state inside the engine, and the updates the engine reports about it."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from ember.engine.llamacpp import Sampler
+from ember.engine.text import StopMatcher, Utf8Decoder
+from ember.options import SamplingOptions
+
+
+class DoneReason(enum.StrEnum):
+    STOP = "stop"  # end-of-generation token or a stop string
+    LENGTH = "length"  # num_predict reached, or the context window is full
+    CANCELLED = "cancelled"  # the caller cancelled or went away
+    ERROR = "error"  # llama.cpp failed; `Sequence.error` says why
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # submitted, no KV slot yet
+    PREFILL = "prefill"  # prompt tokens still to decode
+    DECODE = "decode"  # generating, one token per step
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """What the engine needs to run one sequence: tokens in, options, limits."""
+
+    prompt_tokens: list[int]
+    sampling: SamplingOptions
+    max_new_tokens: int
+    grammar: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceUpdate:
+    """What one step did for one sequence: new text (possibly empty), and whether it is finished."""
+
+    sequence: Sequence
+    text: str
+    token: int | None
+    done: bool
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A sequence in the engine. Created by `Engine.submit`; read its fields, never set them."""
+
+    request: SequenceRequest
+    id: int = field(default_factory=lambda: next(_ids))
+    phase: Phase = Phase.WAITING
+    slot: int = -1
+    n_past: int = 0  # tokens already in the KV cache
+    next_token: int = -1  # sampled, not yet decoded
+    output_tokens: list[int] = field(default_factory=list)
+    done_reason: DoneReason | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    sampler: Sampler | None = None
+    decoder: Utf8Decoder = field(default_factory=Utf8Decoder)
+    stopper: StopMatcher = field(init=False)
+    submitted_ns: int = field(default_factory=time.perf_counter_ns)
+    started_ns: int = 0  # admitted to a slot, prefill begins
+    prefilled_ns: int = 0  # prompt fully decoded, first logits ready
+    finished_ns: int = 0
+
+    def __post_init__(self) -> None:
+        self.stopper = StopMatcher(self.request.sampling.stop)
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return self.request.prompt_tokens
+
+    @property
+    def prompt_eval_duration_ns(self) -> int:
+        return max(0, self.prefilled_ns - self.started_ns) if self.prefilled_ns else 0
+
+    @property
+    def eval_duration_ns(self) -> int:
+        return max(0, self.finished_ns - self.prefilled_ns) if self.prefilled_ns and self.finished_ns else 0
+
+    @property
+    def eval_count(self) -> int:
+        return len(self.output_tokens)

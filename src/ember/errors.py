@@ -1,0 +1,78 @@
+"""Typed errors. Each carries a message a user can act on and the HTTP status it maps to.
+
+Front ends (CLI, HTTP API) never format their own messages for these: they print `str(error)`
+or send it as the error body with `error.http_status`.
+"""
+
+from __future__ import annotations
+
+
+class EmberError(Exception):
+    """Base class of every error ember reports to a user."""
+
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequestError(EmberError):
+    """The request itself is wrong: a bad option value, an unknown field, an empty prompt."""
+
+    http_status = 400
+
+
+class InvalidOptionError(InvalidRequestError):
+    """An option has a value out of range or of the wrong type, or the option does not exist."""
+
+
+class ContextOverflowError(InvalidRequestError):
+    """The prompt does not fit in the context window and the caller did not ask for truncation."""
+
+    def __init__(self, prompt_tokens: int, num_ctx: int) -> None:
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens but the context window (num_ctx) is {num_ctx} tokens; "
+            "shorten the prompt, raise num_ctx, or ask for truncation (truncate=True)"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.num_ctx = num_ctx
+
+
+class ModelNotFoundError(EmberError):
+    """No model of that name is known and no file exists at that path."""
+
+    http_status = 404
+
+
+class CorruptModelError(EmberError):
+    """A model file is not a readable GGUF file (empty, truncated, garbage, damaged)."""
+
+    http_status = 422
+
+
+class ModelLoadError(EmberError):
+    """llama.cpp refused a model or context (unsupported architecture, out of memory ...)."""
+
+    http_status = 500
+
+
+class TemplateError(EmberError):
+    """A chat template failed to compile or to render."""
+
+    http_status = 400
+
+
+class EngineError(EmberError):
+    """llama.cpp failed while decoding (for example the KV cache is full)."""
+
+    http_status = 500
+
+
+class BackendVersionError(EmberError):
+    """The installed llama-cpp-python lacks a function ember needs."""
+
+    http_status = 500

@@ -1,0 +1,178 @@
+"""A model loaded in this process, answering native requests through the engine.
+
+The Python API (`ember.Model`) and `ember run` use it directly; runner processes will wrap the same class.
+Several threads may call it at once: each holds the lock only for one engine step, so their sequences are
+decoded together in shared batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ember.engine.engine import Engine
+from ember.engine.llamacpp import LlamaModel
+from ember.engine.sequence import DoneReason, Sequence, SequenceRequest, SequenceUpdate
+from ember.errors import EngineError, InvalidRequestError
+from ember.options import SAMPLING_OPTION_NAMES, LoadOptions, SamplingOptions, sampling_options
+from ember.prompt import PromptBuilder, grammar_for_format
+from ember.store.gguf_file import GGUFInfo, read_gguf
+from ember.store.resolve import ModelSource
+from ember.types import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Message, to_messages
+
+log = logging.getLogger(__name__)
+
+
+class LoadedModel:
+    """One model file, loaded with fixed LoadOptions."""
+
+    def __init__(self, source: ModelSource, options: LoadOptions) -> None:
+        started = time.perf_counter_ns()
+        self.source = source
+        self.options = options
+        self.info: GGUFInfo = read_gguf(source.path)  # refuse a damaged file before llama.cpp reads it
+        self.model = LlamaModel(source.path, options)
+        try:
+            self.engine = Engine(self.model, options)
+            self.prompts = PromptBuilder(
+                self.model, template=source.template, system=source.system, messages=source.messages
+            )
+        except BaseException:
+            self.model.close()
+            raise
+        # Re-entrant: a generator abandoned mid-stream may be finalized while this thread holds the lock.
+        self._lock = threading.RLock()
+        self.load_duration_ns = time.perf_counter_ns() - started
+        self._unreported_load_ns = self.load_duration_ns
+        self._default_sampling = {k: v for k, v in source.parameters.items() if k in SAMPLING_OPTION_NAMES}
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def close(self) -> None:
+        with self._lock:
+            self.engine.close()
+            self.model.close()
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    def sampling_for(self, *layers: Mapping[str, Any] | None) -> SamplingOptions:
+        """The model's own parameters under the request's options (load options there must match)."""
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            merged.update({k: v for k, v in (layer or {}).items() if v is not None})
+        changed = {k for k, v in merged.items() if k in LoadOptions.model_fields and getattr(self.options, k) != v}
+        if changed:
+            raise InvalidRequestError(
+                f"{', '.join(sorted(changed))} differs from the loaded model's; load the model again with it"
+            )
+        sampling_layer = {k: v for k, v in merged.items() if k not in LoadOptions.model_fields}
+        return sampling_options(self._default_sampling, sampling_layer)
+
+    def generate(self, request: GenerateRequest) -> Iterator[GenerateResponse]:
+        """Stream the answer to a generate request; the last chunk has done=True and the timings."""
+        started = time.perf_counter_ns()
+        sampling = self.sampling_for(request.options)
+        if request.images:
+            raise InvalidRequestError(f"model '{self.name}' does not support images; send text only")
+        if not request.prompt and not request.context:
+            yield GenerateResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
+            return
+        if request.raw:
+            tokens = self.prompts.tokenize_prompt(request.prompt)
+        else:
+            conversation = self.prompts.chat_messages([Message(role="user", content=request.prompt)], request.system)
+            text = self.prompts.render_chat(conversation, template=request.template)
+            tokens = self.prompts.tokenize_prompt(text)
+        if request.context:
+            tokens = list(request.context) + tokens
+        tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=request.truncate)
+        sequence = self._submit(tokens, sampling, grammar_for_format(request.format))
+        for update in self._run(sequence):
+            if update.done:
+                yield GenerateResponse(
+                    model=self.name, response=update.text, done=True, done_reason=_done_reason(sequence),
+                    context=tokens + sequence.output_tokens, **self._metrics(started, sequence),
+                )
+            elif update.text:
+                yield GenerateResponse(model=self.name, response=update.text)
+
+    def chat(self, request: ChatRequest) -> Iterator[ChatResponse]:
+        """Stream the next assistant message; the last chunk has done=True and the timings."""
+        started = time.perf_counter_ns()
+        sampling = self.sampling_for(request.options)
+        messages = to_messages(request.messages)
+        if any(message.images for message in messages):
+            raise InvalidRequestError(f"model '{self.name}' does not support images; send text only")
+        if not messages:
+            yield ChatResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
+            return
+        conversation = self.prompts.chat_messages(messages, None)
+        tokens = self.prompts.chat_tokens(
+            conversation, num_ctx=self.options.num_ctx, sampling=sampling, truncate=request.truncate,
+            template=request.template, tools=request.tools,
+        )
+        sequence = self._submit(tokens, sampling, grammar_for_format(request.format))
+        for update in self._run(sequence):
+            if update.done:
+                yield ChatResponse(
+                    model=self.name, message=Message(role="assistant", content=update.text), done=True,
+                    done_reason=_done_reason(sequence), **self._metrics(started, sequence),
+                )
+            elif update.text:
+                yield ChatResponse(model=self.name, message=Message(role="assistant", content=update.text))
+
+    def complete_tokens(self, tokens: list[int], sampling: SamplingOptions, grammar: str | None = None,
+                        truncate: bool = False) -> Iterator[SequenceUpdate]:
+        """Lowest level: stream a raw completion of prompt tokens (used by the llama-cpp-python style call)."""
+        tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
+        yield from self._run(self._submit(tokens, sampling, grammar))
+
+    def run_many(self, prompts: list[list[int]], samplings: list[SamplingOptions]) -> Iterator[SequenceUpdate]:
+        """Decode several prompts together, one shared batch per step; updates arrive interleaved."""
+        sequences = [self._submit(tokens, sampling, None) for tokens, sampling in zip(prompts, samplings, strict=True)]
+        yield from self._run(*sequences)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _submit(self, tokens: list[int], sampling: SamplingOptions, grammar: str | None) -> Sequence:
+        room = self.options.num_ctx - len(tokens)
+        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar)
+        with self._lock:
+            return self.engine.submit(request)
+
+    def _run(self, *sequences: Sequence) -> Iterator[SequenceUpdate]:
+        updates = self.engine.run(sequences)
+        try:
+            while True:
+                with self._lock:
+                    update = next(updates, None)
+                if update is None:
+                    return
+                if update.done and update.sequence.done_reason is DoneReason.ERROR:
+                    raise EngineError(update.sequence.error or "generation failed")
+                yield update
+        finally:
+            with self._lock:
+                updates.close()
+
+    def _metrics(self, started_ns: int, sequence: Sequence | None = None) -> dict[str, int]:
+        load_ns, self._unreported_load_ns = self._unreported_load_ns, 0
+        metrics = {"total_duration": time.perf_counter_ns() - started_ns + load_ns, "load_duration": load_ns}
+        if sequence is not None:
+            metrics.update(
+                prompt_eval_count=len(sequence.prompt_tokens),
+                prompt_eval_duration=sequence.prompt_eval_duration_ns,
+                eval_count=sequence.eval_count,
+                eval_duration=sequence.eval_duration_ns,
+            )
+        return metrics
+
+
+def _done_reason(sequence: Sequence) -> str:
+    reason = sequence.done_reason
+    return reason.value if reason is not None else DoneReason.STOP.value

@@ -1,0 +1,105 @@
+"""Building the token sequence a request sends to the engine: templates, system prompts, truncation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ember.chat_template import CHATML_TEMPLATE, ChatTemplate
+from ember.engine.llamacpp import JSON_GRAMMAR, LlamaModel, json_schema_grammar
+from ember.errors import ContextOverflowError, InvalidRequestError
+from ember.options import SamplingOptions
+from ember.types import Message
+
+
+class PromptBuilder:
+    """Knows a loaded model's template and vocabulary; turns requests into prompt tokens."""
+
+    def __init__(self, model: LlamaModel, *, template: str | None = None, system: str | None = None,
+                 messages: Sequence[Mapping[str, Any]] = ()) -> None:
+        self.model = model
+        self.default_system = system
+        self.seed_messages = [Message.model_validate(dict(message)) for message in messages]
+        self.template_source = template or model.chat_template() or CHATML_TEMPLATE
+        self._templates: dict[str, ChatTemplate] = {}
+        self.template = self._compile(self.template_source)
+
+    def _compile(self, source: str) -> ChatTemplate:
+        compiled = self._templates.get(source)
+        if compiled is None:
+            bos = self.model.token_text(self.model.bos_token) if self.model.bos_token >= 0 else ""
+            eos = self.model.token_text(self.model.eos_token) if self.model.eos_token >= 0 else ""
+            compiled = self._templates[source] = ChatTemplate(source, bos_token=bos, eos_token=eos)
+        return compiled
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Tokens of a full prompt: special tokens parsed, BOS added once when the model wants one."""
+        tokens = self.model.tokenize(text, add_special=True, parse_special=True)
+        bos = self.model.bos_token
+        if self.model.add_bos and len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
+            tokens = tokens[1:]  # the template wrote BOS itself, and llama.cpp added another
+        return tokens
+
+    def chat_messages(self, messages: Sequence[Message], system: str | None) -> list[Message]:
+        """The conversation as the model sees it: seed messages and the system prompt put in place."""
+        conversation = list(messages)
+        if self.seed_messages:
+            first_non_system = next((i for i, m in enumerate(conversation) if m.role != "system"), len(conversation))
+            conversation[first_non_system:first_non_system] = self.seed_messages
+        if system:  # an explicit system prompt replaces any in the conversation
+            conversation = [Message(role="system", content=system)] + [m for m in conversation if m.role != "system"]
+        elif self.default_system and not any(m.role == "system" for m in conversation):
+            conversation.insert(0, Message(role="system", content=self.default_system))
+        return conversation
+
+    def render_chat(self, messages: Sequence[Message], *, template: str | None = None,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        compiled = self._compile(template) if template else self.template
+        return compiled.render([message.template_view() for message in messages], tools=tools)
+
+    def chat_tokens(self, messages: Sequence[Message], *, num_ctx: int, sampling: SamplingOptions,
+                    truncate: bool, template: str | None = None,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Render and tokenize a conversation. With `truncate`, the oldest turns are dropped to fit."""
+        conversation = list(messages)
+        tokens = self.tokenize_prompt(self.render_chat(conversation, template=template, tools=tools))
+        if len(tokens) < num_ctx:
+            return tokens
+        if not truncate:
+            raise ContextOverflowError(len(tokens), num_ctx)
+        limit = _truncation_limit(num_ctx, sampling)
+        while len(tokens) > limit:
+            droppable = [i for i, m in enumerate(conversation) if m.role != "system"][:-1]
+            if not droppable:
+                raise ContextOverflowError(len(tokens), num_ctx)
+            del conversation[droppable[0]]
+            tokens = self.tokenize_prompt(self.render_chat(conversation, template=template, tools=tools))
+        return tokens
+
+    def fit(self, tokens: list[int], *, num_ctx: int, sampling: SamplingOptions, truncate: bool) -> list[int]:
+        """Check a raw prompt fits; with `truncate`, keep its first num_keep tokens and as much of its end."""
+        if len(tokens) < num_ctx:
+            return tokens
+        if not truncate:
+            raise ContextOverflowError(len(tokens), num_ctx)
+        limit = _truncation_limit(num_ctx, sampling)
+        keep = min(max(sampling.num_keep, 0), limit // 2)
+        return tokens[:keep] + tokens[len(tokens) - (limit - keep) :]
+
+
+def _truncation_limit(num_ctx: int, sampling: SamplingOptions) -> int:
+    """How long a truncated prompt may be: room is kept for the answer (num_predict, or a quarter)."""
+    reserve = sampling.num_predict if sampling.num_predict > 0 else num_ctx // 4
+    return max(1, num_ctx - max(1, min(reserve, num_ctx // 2)))
+
+
+def grammar_for_format(format_: str | Mapping[str, Any] | None) -> str | None:
+    """Ollama's `format`: "json" for any JSON value, a JSON schema for JSON that follows it, or nothing."""
+    if format_ is None or format_ == "":
+        return None
+    if format_ == "json":
+        return JSON_GRAMMAR
+    if isinstance(format_, Mapping):
+        return json_schema_grammar(json.dumps(format_))
+    raise InvalidRequestError(f"format must be \"json\" or a JSON schema object, not {format_!r}")

@@ -1,0 +1,52 @@
+"""From what a user typed (a model name or a path to a .gguf) to a file and its defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ember.errors import ModelNotFoundError
+from ember.store.bundled import find_bundled
+from ember.store.names import parse_model_name
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model file and the defaults that travel with it (a Modelfile's SYSTEM, TEMPLATE, PARAMETER ...)."""
+
+    name: str
+    path: Path
+    system: str | None = None
+    template: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    messages: tuple[Mapping[str, Any], ...] = ()
+
+
+def looks_like_path(text: str) -> bool:
+    """A .gguf name, anything with a directory part, or an existing file is a path, not a model name."""
+    return (
+        text.lower().endswith(".gguf")
+        or text.startswith((".", "~", os.sep))
+        or (os.altsep is not None and os.altsep in text)
+        or Path(text).is_file()
+    )
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> ModelSource:
+    """Find a model by store name or file path. Raises ModelNotFoundError with what to do next."""
+    if isinstance(name_or_path, os.PathLike) or looks_like_path(str(name_or_path)):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"no model file at {path}")
+        return ModelSource(name=path.name, path=path.resolve())
+    name = parse_model_name(str(name_or_path))
+    if name.host is None and name.namespace in (None, "library"):
+        bundled = find_bundled(name.model, name.tag)
+        if bundled is not None:
+            return ModelSource(name=f"{bundled.name}:{name.tag}", path=bundled.locate())
+    raise ModelNotFoundError(
+        f"model '{name}' not found; try `ember pull {name.path_name}`, or pass the path of a .gguf file"
+    )

@@ -1,0 +1,177 @@
+"""Native request and response types, with Ollama's field names.
+
+Results can be read as attributes (`response.response`) or as a dict (`response["response"]`), the way the
+`ollama` client's results can, so code written against Ollama's Python library reads the same here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ember.errors import InvalidRequestError
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class _Subscriptable(BaseModel):
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in type(self).model_fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default) if key in type(self).model_fields else default
+
+
+class ToolCallFunction(_Subscriptable):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCall(_Subscriptable):
+    function: ToolCallFunction
+
+
+class Message(_Subscriptable):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Role
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+
+    def template_view(self) -> dict[str, Any]:
+        """The message as a chat template expects it."""
+        view: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            view["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_name:
+            view["name"] = self.tool_name
+        return view
+
+
+def to_messages(messages: Any) -> list[Message]:
+    """Validate chat messages given as dicts or Message objects."""
+    if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
+        raise InvalidRequestError("messages must be a list of {'role': ..., 'content': ...} objects")
+    result = []
+    for index, message in enumerate(messages):
+        if isinstance(message, Message):
+            result.append(message)
+            continue
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(f"message {index} must be an object with 'role' and 'content'")
+        try:
+            result.append(Message.model_validate(dict(message)))
+        except ValidationError as error:
+            detail = error.errors()[0]
+            where = ".".join(str(part) for part in detail["loc"])
+            raise InvalidRequestError(f"message {index}: {where}: {detail['msg']}") from None
+    return result
+
+
+FormatSpec = str | dict[str, Any] | None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    format: FormatSpec = Field(None, description='"json", or a JSON schema the answer must follow.')
+    options: dict[str, Any] | None = Field(None, description="Load and sampling options (Ollama's names).")
+    stream: bool = Field(True, description="Stream the answer in chunks.")
+    keep_alive: str | float | None = Field(None, description="How long the model stays loaded afterwards.")
+    truncate: bool = Field(False, description="Drop the oldest part of an over-long prompt instead of failing.")
+
+
+class GenerateRequest(_Request):
+    """A completion of one prompt, by default wrapped in the model's chat template (raw=False)."""
+
+    prompt: str = ""
+    system: str | None = Field(None, description="System prompt, replacing the model's own.")
+    template: str | None = Field(None, description="Chat template (Jinja), replacing the model's own.")
+    raw: bool = Field(False, description="Send the prompt as is, without the chat template.")
+    images: list[str] | None = None
+    context: list[int] | None = Field(None, description="Tokens of an earlier answer to continue from.")
+
+
+class ChatRequest(_Request):
+    """The next assistant message of a conversation."""
+
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    template: str | None = Field(None, description="Chat template (Jinja), replacing the model's own.")
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def build_request(kind: type[RequestT], **fields: Any) -> RequestT:
+    """Construct a request type, turning validation failures into a clear InvalidRequestError."""
+    try:
+        return kind(**fields)
+    except ValidationError as error:
+        problems = []
+        for detail in error.errors():
+            where = ".".join(str(part) for part in detail["loc"]) or "request"
+            problems.append(f"{where}: {detail['msg']}")
+        raise InvalidRequestError("invalid request: " + "; ".join(problems)) from None
+
+
+class Metrics(_Subscriptable):
+    """Timings in nanoseconds, as Ollama reports them."""
+
+    total_duration: int = 0
+    load_duration: int = 0
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+
+    @property
+    def prompt_eval_rate(self) -> float:
+        """Prompt tokens per second."""
+        return self.prompt_eval_count / (self.prompt_eval_duration / 1e9) if self.prompt_eval_duration else 0.0
+
+    @property
+    def eval_rate(self) -> float:
+        """Generated tokens per second."""
+        return self.eval_count / (self.eval_duration / 1e9) if self.eval_duration else 0.0
+
+
+DoneReasonName = Literal["stop", "length", "cancelled", "load", "unload"]
+
+
+class GenerateResponse(Metrics):
+    """A chunk of a streamed generation, or the whole of one (`done` is True on the last)."""
+
+    model: str
+    created_at: str = Field(default_factory=now_rfc3339)
+    response: str = ""
+    done: bool = False
+    done_reason: DoneReasonName | None = None
+    context: list[int] | None = None
+
+
+class ChatResponse(Metrics):
+    """A chunk of a streamed chat answer, or the whole of one (`done` is True on the last)."""
+
+    model: str
+    created_at: str = Field(default_factory=now_rfc3339)
+    message: Message = Field(default_factory=lambda: Message(role="assistant"))
+    done: bool = False
+    done_reason: DoneReasonName | None = None

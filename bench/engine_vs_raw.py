@@ -119,7 +119,10 @@ def main() -> None:
     for run in range(args.runs):
         # Alternate which side goes first, and compare each pair of neighbouring runs: on a shared machine the
         # speed drifts over seconds, and a ratio of two runs made a moment apart cancels most of that drift.
-        sides = [("raw", lambda: raw.run(prompt, n_tokens)), ("ember", lambda: run_ember(ember_model, prompt, n_tokens))]
+        sides = [
+            ("raw", lambda: raw.run(prompt, n_tokens)),
+            ("ember", lambda: run_ember(ember_model, prompt, n_tokens)),
+        ]
         pair = {}
         for name, runner in sides if run % 2 == 0 else sides[::-1]:
             prefill, decode, tokens = runner()
@@ -146,8 +149,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"model {result['model']}, {threads} threads, prompt {len(prompt)} tokens, {n_tokens} generated, "
-          f"median of {args.runs} paired runs")
+    print(
+        f"model {result['model']}, {threads} threads, prompt {len(prompt)} tokens, {n_tokens} generated, "
+        f"median of {args.runs} paired runs"
+    )
     print(f"{'':8}{'prefill tok/s':>16}{'decode tok/s':>16}")
     print(f"{'raw':8}{medians['raw_prefill']:16.1f}{medians['raw_decode']:16.1f}")
     print(f"{'ember':8}{medians['ember_prefill']:16.1f}{medians['ember_decode']:16.1f}")

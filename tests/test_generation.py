@@ -142,8 +142,9 @@ def test_streamed_text_equals_non_streamed_text(model: ember.Model) -> None:
 def test_format_json_gives_valid_json(model: ember.Model) -> None:
     import json
 
-    result = model.generate("Describe a cat as JSON with keys name and age.", format="json", num_predict=200,
-                            **greedy())
+    result = model.generate(
+        "Describe a cat as JSON with keys name and age.", format="json", num_predict=200, **greedy()
+    )
     assert result.done_reason == "stop"
     json.loads(result.response)
 
@@ -151,8 +152,11 @@ def test_format_json_gives_valid_json(model: ember.Model) -> None:
 def test_format_schema_gives_json_that_follows_it(model: ember.Model) -> None:
     import json
 
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"]}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
     result = model.generate("Invent a person. Reply in JSON.", format=schema, num_predict=200, **greedy())
     value = json.loads(result.response)
     assert isinstance(value["name"], str) and isinstance(value["age"], int)

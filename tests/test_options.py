@@ -11,9 +11,13 @@ from ember.options import LoadOptions, SamplingOptions, load_options, resolve_op
 def test_defaults_are_ollamas() -> None:
     sampling = SamplingOptions()
     assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.typical_p) == (
-        0.8, 40, 0.9, 0.0, 1.0)
-    assert (sampling.repeat_penalty, sampling.repeat_last_n, sampling.seed, sampling.num_predict) == (
-        1.1, 64, -1, -1)
+        0.8,
+        40,
+        0.9,
+        0.0,
+        1.0,
+    )
+    assert (sampling.repeat_penalty, sampling.repeat_last_n, sampling.seed, sampling.num_predict) == (1.1, 64, -1, -1)
     load = LoadOptions()
     assert (load.num_ctx, load.num_batch, load.num_gpu, load.num_thread, load.use_mlock) == (4096, 512, -1, 0, False)
 

@@ -70,7 +70,9 @@ class ChatTemplate:
         try:
             self._template = _ENVIRONMENT.from_string(source)
         except jinja2.TemplateSyntaxError as error:
-            raise TemplateError(f"the chat template has a syntax error on line {error.lineno}: {error.message}") from None
+            raise TemplateError(
+                f"the chat template has a syntax error on line {error.lineno}: {error.message}"
+            ) from None
 
     def render(
         self,

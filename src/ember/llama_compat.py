@@ -64,8 +64,11 @@ def _finish_reason(sequence: Sequence) -> str | None:
 
 def _usage(sequence: Sequence) -> dict[str, int]:
     prompt = len(sequence.prompt_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": sequence.eval_count,
-            "total_tokens": prompt + sequence.eval_count}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": sequence.eval_count,
+        "total_tokens": prompt + sequence.eval_count,
+    }
 
 
 def create_completion(
@@ -96,12 +99,24 @@ def create_completion(
         raise InvalidRequestError("suffix (fill-in-the-middle) is not supported; put the text in the prompt")
     if logprobs:
         raise InvalidRequestError("logprobs are not available from ember.Model(...) calls yet")
-    sampling = model.sampling(**_sampling_layer(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        top_k=top_k, stop=stop, seed=seed, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
-        mirostat_eta=mirostat_eta,
-    ))
+    sampling = model.sampling(
+        **_sampling_layer(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            top_k=top_k,
+            stop=stop,
+            seed=seed,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+        )
+    )
     loaded = model.loaded
     tokens = loaded.prompts.tokenize_prompt(prompt)
     updates = loaded.complete_tokens(tokens, sampling, grammar)
@@ -110,11 +125,15 @@ def create_completion(
 
     def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
         return {
-            "id": completion_id, "object": "text_completion", "created": created, "model": model.name,
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model.name,
             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
         }
 
     if stream:
+
         def chunks() -> Iterator[dict[str, Any]]:
             if echo:
                 yield chunk(prompt, None)
@@ -123,6 +142,7 @@ def create_completion(
                     yield chunk(update.text, None)
                 if update.done:
                     yield chunk("", _finish_reason(update.sequence))
+
         return chunks()
 
     parts = [prompt] if echo else []
@@ -159,34 +179,63 @@ def create_chat_completion(
 ) -> dict[str, Any] | Iterator[dict[str, Any]]:
     from ember.types import to_messages
 
-    sampling = model.sampling(**_sampling_layer(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        top_k=top_k, stop=stop, seed=seed, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
-        mirostat_eta=mirostat_eta,
-    ))
+    sampling = model.sampling(
+        **_sampling_layer(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            top_k=top_k,
+            stop=stop,
+            seed=seed,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+        )
+    )
     loaded = model.loaded
     conversation = loaded.prompts.chat_messages(to_messages(messages), None)
-    tokens = loaded.prompts.chat_tokens(conversation, num_ctx=loaded.options.num_ctx, sampling=sampling,
-                                        truncate=False)
+    tokens = loaded.prompts.chat_tokens(conversation, num_ctx=loaded.options.num_ctx, sampling=sampling, truncate=False)
     updates = loaded.complete_tokens(tokens, sampling, grammar_for_format(_format_of(response_format)))
     completion_id = f"chatcmpl-{uuid.uuid4()}"
     created = int(time.time())
     header = {"id": completion_id, "created": created, "model": model.name}
 
     if stream:
+
         def chunks() -> Iterator[dict[str, Any]]:
-            yield {**header, "object": "chat.completion.chunk",
-                   "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
+            yield {
+                **header,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
+            }
             for update in updates:
                 if update.text:
-                    yield {**header, "object": "chat.completion.chunk",
-                           "choices": [{"index": 0, "delta": {"content": update.text}, "logprobs": None,
-                                        "finish_reason": None}]}
+                    yield {
+                        **header,
+                        "object": "chat.completion.chunk",
+                        "choices": [
+                            {"index": 0, "delta": {"content": update.text}, "logprobs": None, "finish_reason": None}
+                        ],
+                    }
                 if update.done:
-                    yield {**header, "object": "chat.completion.chunk",
-                           "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": _finish_reason(update.sequence)}]}
+                    yield {
+                        **header,
+                        "object": "chat.completion.chunk",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": _finish_reason(update.sequence),
+                            }
+                        ],
+                    }
+
         return chunks()
 
     parts = []
@@ -196,9 +245,16 @@ def create_chat_completion(
         last = update
     assert last is not None
     return {
-        **header, "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)}, "logprobs": None,
-                     "finish_reason": _finish_reason(last.sequence)}],
+        **header,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts)},
+                "logprobs": None,
+                "finish_reason": _finish_reason(last.sequence),
+            }
+        ],
         "usage": _usage(last.sequence),
     }
 

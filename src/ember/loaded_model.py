@@ -95,8 +95,12 @@ class LoadedModel:
         for update in self._run(sequence):
             if update.done:
                 yield GenerateResponse(
-                    model=self.name, response=update.text, done=True, done_reason=_done_reason(sequence),
-                    context=tokens + sequence.output_tokens, **self._metrics(started, sequence),
+                    model=self.name,
+                    response=update.text,
+                    done=True,
+                    done_reason=_done_reason(sequence),
+                    context=tokens + sequence.output_tokens,
+                    **self._metrics(started, sequence),
                 )
             elif update.text:
                 yield GenerateResponse(model=self.name, response=update.text)
@@ -113,21 +117,29 @@ class LoadedModel:
             return
         conversation = self.prompts.chat_messages(messages, None)
         tokens = self.prompts.chat_tokens(
-            conversation, num_ctx=self.options.num_ctx, sampling=sampling, truncate=request.truncate,
-            template=request.template, tools=request.tools,
+            conversation,
+            num_ctx=self.options.num_ctx,
+            sampling=sampling,
+            truncate=request.truncate,
+            template=request.template,
+            tools=request.tools,
         )
         sequence = self._submit(tokens, sampling, grammar_for_format(request.format))
         for update in self._run(sequence):
             if update.done:
                 yield ChatResponse(
-                    model=self.name, message=Message(role="assistant", content=update.text), done=True,
-                    done_reason=_done_reason(sequence), **self._metrics(started, sequence),
+                    model=self.name,
+                    message=Message(role="assistant", content=update.text),
+                    done=True,
+                    done_reason=_done_reason(sequence),
+                    **self._metrics(started, sequence),
                 )
             elif update.text:
                 yield ChatResponse(model=self.name, message=Message(role="assistant", content=update.text))
 
-    def complete_tokens(self, tokens: list[int], sampling: SamplingOptions, grammar: str | None = None,
-                        truncate: bool = False) -> Iterator[SequenceUpdate]:
+    def complete_tokens(
+        self, tokens: list[int], sampling: SamplingOptions, grammar: str | None = None, truncate: bool = False
+    ) -> Iterator[SequenceUpdate]:
         """Lowest level: stream a raw completion of prompt tokens (used by the llama-cpp-python style call)."""
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
         yield from self._run(self._submit(tokens, sampling, grammar))

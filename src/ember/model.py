@@ -63,7 +63,7 @@ class Model:
 
     def __init__(
         self,
-        name_or_path: str | os.PathLike[str] | None = None,
+        name_or_path: str | os.PathLike[str] | ModelSource | None = None,
         *,
         model_path: str | os.PathLike[str] | None = None,
         system: str | None = None,
@@ -77,7 +77,7 @@ class Model:
             raise InvalidOptionError("give a model name or a path to a .gguf file")
         if verbose:
             logging.getLogger("ember").setLevel(logging.DEBUG)
-        source = resolve_model(target)
+        source = target if isinstance(target, ModelSource) else resolve_model(target)
         if system is not None or template is not None:
             source = dataclasses.replace(
                 source,
@@ -87,8 +87,9 @@ class Model:
         self.source: ModelSource = source
         model_loads = {k: v for k, v in source.parameters.items() if k in LOAD_OPTION_NAMES}
         self._call_defaults = dict(options or {})
-        sampling_options({k: v for k, v in source.parameters.items() if k not in LOAD_OPTION_NAMES},
-                         self._call_defaults)  # validate now rather than on the first call
+        sampling_options(
+            {k: v for k, v in source.parameters.items() if k not in LOAD_OPTION_NAMES}, self._call_defaults
+        )  # validate now rather than on the first call
         self._loaded = LoadedModel(source, load_options(model_loads, _rename_llama_kwargs(load_kwargs)))
 
     # --- facts ---------------------------------------------------------------------------------------
@@ -141,8 +142,16 @@ class Model:
         """Answer a prompt (wrapped in the chat template unless raw=True). Options by keyword or `options`."""
         request = build_request(
             GenerateRequest,
-            model=self.name, prompt=prompt, system=system, template=template, raw=raw, format=format,
-            images=images, context=context, stream=stream, truncate=truncate,
+            model=self.name,
+            prompt=prompt,
+            system=system,
+            template=template,
+            raw=raw,
+            format=format,
+            images=images,
+            context=context,
+            stream=stream,
+            truncate=truncate,
             options=self._request_options(options, option_kwargs),
         )
         chunks = self._with_reload(request.options, lambda loaded: loaded.generate(request))
@@ -168,8 +177,14 @@ class Model:
         """The assistant's next message in a conversation of {'role', 'content'} messages."""
         request = build_request(
             ChatRequest,
-            model=self.name, messages=to_messages(list(messages)), tools=tools, format=format, template=template,
-            stream=stream, truncate=truncate, options=self._request_options(options, option_kwargs),
+            model=self.name,
+            messages=to_messages(list(messages)),
+            tools=tools,
+            format=format,
+            template=template,
+            stream=stream,
+            truncate=truncate,
+            options=self._request_options(options, option_kwargs),
         )
         chunks = self._with_reload(request.options, lambda loaded: loaded.chat(request))
         return chunks if stream else _collect_chat(chunks)
@@ -267,4 +282,4 @@ def _collect_chat(chunks: Iterator[ChatResponse]) -> ChatResponse:
     raise RuntimeError("chat ended without a final chunk")
 
 
-__all__ = ["Model", "Metrics"]
+__all__ = ["Metrics", "Model"]

@@ -177,7 +177,5 @@ def load_options(*layers: Mapping[str, Any] | None) -> LoadOptions:
     merged = _merge(layers)
     sampling_names = sorted(set(merged) & SAMPLING_OPTION_NAMES)
     if sampling_names:
-        raise InvalidOptionError(
-            f"{', '.join(sampling_names)} is a sampling option; pass it with each request instead"
-        )
+        raise InvalidOptionError(f"{', '.join(sampling_names)} is a sampling option; pass it with each request instead")
     return _build(LoadOptions, merged, merged)

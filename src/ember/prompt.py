@@ -16,8 +16,14 @@ from ember.types import Message
 class PromptBuilder:
     """Knows a loaded model's template and vocabulary; turns requests into prompt tokens."""
 
-    def __init__(self, model: LlamaModel, *, template: str | None = None, system: str | None = None,
-                 messages: Sequence[Mapping[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        template: str | None = None,
+        system: str | None = None,
+        messages: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         self.model = model
         self.default_system = system
         self.seed_messages = [Message.model_validate(dict(message)) for message in messages]
@@ -53,14 +59,26 @@ class PromptBuilder:
             conversation.insert(0, Message(role="system", content=self.default_system))
         return conversation
 
-    def render_chat(self, messages: Sequence[Message], *, template: str | None = None,
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
         compiled = self._compile(template) if template else self.template
         return compiled.render([message.template_view() for message in messages], tools=tools)
 
-    def chat_tokens(self, messages: Sequence[Message], *, num_ctx: int, sampling: SamplingOptions,
-                    truncate: bool, template: str | None = None,
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+    def chat_tokens(
+        self,
+        messages: Sequence[Message],
+        *,
+        num_ctx: int,
+        sampling: SamplingOptions,
+        truncate: bool,
+        template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
         """Render and tokenize a conversation. With `truncate`, the oldest turns are dropped to fit."""
         conversation = list(messages)
         tokens = self.tokenize_prompt(self.render_chat(conversation, template=template, tools=tools))
@@ -102,4 +120,4 @@ def grammar_for_format(format_: str | Mapping[str, Any] | None) -> str | None:
         return JSON_GRAMMAR
     if isinstance(format_, Mapping):
         return json_schema_grammar(json.dumps(format_))
-    raise InvalidRequestError(f"format must be \"json\" or a JSON schema object, not {format_!r}")
+    raise InvalidRequestError(f'format must be "json" or a JSON schema object, not {format_!r}')

@@ -34,8 +34,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", "-v", help="Print the version and exit.",
-                                 callback=_show_version, is_eager=True),
+    version: bool = typer.Option(
+        False, "--version", "-v", help="Print the version and exit.", callback=_show_version, is_eager=True
+    ),
 ) -> None:
     """A local LLM runtime: run GGUF models on CPU or GPU through llama.cpp."""
 

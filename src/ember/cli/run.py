@@ -18,6 +18,7 @@ from ember.cli.output import print_metrics
 from ember.errors import InvalidRequestError
 from ember.model import Model
 from ember.options import resolve_options
+from ember.store.resolve import resolve_model
 from ember.types import GenerateResponse
 
 _SAMPLING = "Sampling"
@@ -45,13 +46,13 @@ def _read_prompt(words: list[str], prompt: str | None, file: Path | None) -> str
         piped = sys.stdin.read()
         if piped.strip():
             parts.append(piped)
-    elif not parts:
+    if not parts:
         raise InvalidRequestError(
-            "give a prompt: `ember run MODEL \"your question\"`, -p TEXT, -f FILE, or pipe text on stdin"
+            'give a prompt: `ember run MODEL "your question"`, -p TEXT, -f FILE, or pipe text on stdin'
         )
     text = "\n".join(parts)
     if not text.strip():
-        raise InvalidRequestError("the prompt is empty")
+        raise InvalidRequestError("the prompt is empty; give some text to answer")
     return text
 
 
@@ -83,8 +84,9 @@ def run(
     format_: Annotated[str | None, typer.Option("--format", help="json, or a JSON schema the answer follows.")] = None,
     raw: Annotated[bool, typer.Option("--raw", "-no-cnv", help="Send the prompt without the chat template.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Print timings and rates afterwards.")] = False,
-    n_predict: Annotated[int | None, typer.Option("-n", "--n-predict", help="Most tokens to generate.",
-                                                  rich_help_panel=_SAMPLING)] = None,
+    n_predict: Annotated[
+        int | None, typer.Option("-n", "--n-predict", help="Most tokens to generate.", rich_help_panel=_SAMPLING)
+    ] = None,
     temperature: Annotated[float | None, typer.Option("--temp", "--temperature", rich_help_panel=_SAMPLING)] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", rich_help_panel=_SAMPLING)] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", rich_help_panel=_SAMPLING)] = None,
@@ -93,23 +95,29 @@ def run(
     repeat_penalty: Annotated[float | None, typer.Option("--repeat-penalty", rich_help_panel=_SAMPLING)] = None,
     repeat_last_n: Annotated[int | None, typer.Option("--repeat-last-n", rich_help_panel=_SAMPLING)] = None,
     presence_penalty: Annotated[float | None, typer.Option("--presence-penalty", rich_help_panel=_SAMPLING)] = None,
-    frequency_penalty: Annotated[float | None,
-                                 typer.Option("--frequency-penalty", rich_help_panel=_SAMPLING)] = None,
+    frequency_penalty: Annotated[float | None, typer.Option("--frequency-penalty", rich_help_panel=_SAMPLING)] = None,
     seed: Annotated[int | None, typer.Option("-s", "--seed", rich_help_panel=_SAMPLING)] = None,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).",
-                                                   rich_help_panel=_SAMPLING)] = None,
-    ctx_size: Annotated[int | None, typer.Option("-c", "--ctx-size", help="Context window (num_ctx).",
-                                                 rich_help_panel=_LOADING)] = None,
-    gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU (num_gpu).",
-                                                   rich_help_panel=_LOADING)] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop string (repeatable).", rich_help_panel=_SAMPLING)
+    ] = None,
+    ctx_size: Annotated[
+        int | None, typer.Option("-c", "--ctx-size", help="Context window (num_ctx).", rich_help_panel=_LOADING)
+    ] = None,
+    gpu_layers: Annotated[
+        int | None,
+        typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU (num_gpu).", rich_help_panel=_LOADING),
+    ] = None,
     threads: Annotated[int | None, typer.Option("-t", "--threads", rich_help_panel=_LOADING)] = None,
     batch_size: Annotated[int | None, typer.Option("-b", "--batch-size", rich_help_panel=_LOADING)] = None,
-    mlock: Annotated[bool | None, typer.Option("--mlock", help="Keep the model in RAM.",
-                                               rich_help_panel=_LOADING)] = None,
-    no_mmap: Annotated[bool, typer.Option("--no-mmap", help="Read the model instead of mapping it.",
-                                          rich_help_panel=_LOADING)] = False,
-    flash_attn: Annotated[bool | None, typer.Option("-fa/-no-fa", "--flash-attn/--no-flash-attn",
-                                                    rich_help_panel=_LOADING)] = None,
+    mlock: Annotated[
+        bool | None, typer.Option("--mlock", help="Keep the model in RAM.", rich_help_panel=_LOADING)
+    ] = None,
+    no_mmap: Annotated[
+        bool, typer.Option("--no-mmap", help="Read the model instead of mapping it.", rich_help_panel=_LOADING)
+    ] = False,
+    flash_attn: Annotated[
+        bool | None, typer.Option("-fa/-no-fa", "--flash-attn/--no-flash-attn", rich_help_panel=_LOADING)
+    ] = None,
 ) -> None:
     """Answer a prompt with a model, streamed to the terminal."""
     words = list(words or [])
@@ -118,22 +126,40 @@ def run(
             words.insert(0, model)
         model = model_option
     if model is None:
-        raise InvalidRequestError("name a model: `ember run smollm2 \"your question\"` (or -m PATH.gguf)")
-    load = _drop_unset({
-        "num_ctx": ctx_size, "num_gpu": gpu_layers, "num_thread": threads, "num_batch": batch_size,
-        "use_mlock": mlock, "use_mmap": False if no_mmap else None, "flash_attn": flash_attn,
-    })
-    sampling = _drop_unset({
-        "num_predict": n_predict, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-        "typical_p": typical_p, "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n,
-        "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty, "seed": seed,
-        "stop": stop or None,
-    })
-    resolve_options(load, sampling)  # a bad value fails here, before the model is loaded
+        raise InvalidRequestError('name a model: `ember run smollm2 "your question"` (or -m PATH.gguf)')
+    load = _drop_unset(
+        {
+            "num_ctx": ctx_size,
+            "num_gpu": gpu_layers,
+            "num_thread": threads,
+            "num_batch": batch_size,
+            "use_mlock": mlock,
+            "use_mmap": False if no_mmap else None,
+            "flash_attn": flash_attn,
+        }
+    )
+    sampling = _drop_unset(
+        {
+            "num_predict": n_predict,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "min_p": min_p,
+            "typical_p": typical_p,
+            "repeat_penalty": repeat_penalty,
+            "repeat_last_n": repeat_last_n,
+            "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty,
+            "seed": seed,
+            "stop": stop or None,
+        }
+    )
+    resolve_options(load, sampling)  # a bad value or an unknown model fails here, before anything is read
+    source = resolve_model(model)
     text = _read_prompt(words, prompt, file)
     answer_format = _format(format_)
 
-    with Model(model, **load) as loaded:
+    with Model(source, **load) as loaded:
         chunks = loaded.generate(text, system=system, raw=raw, format=answer_format, stream=True, options=sampling)
         final = _stream(chunks)
     if verbose and final is not None:

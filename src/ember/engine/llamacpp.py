@@ -416,8 +416,9 @@ class Sampler:
             self._add(lib.llama_sampler_init_greedy())
         elif options.mirostat == 1:
             self._add(lib.llama_sampler_init_temp(options.temperature))
-            self._add(lib.llama_sampler_init_mirostat(model.n_vocab, seed, options.mirostat_tau,
-                                                      options.mirostat_eta, 100))
+            self._add(
+                lib.llama_sampler_init_mirostat(model.n_vocab, seed, options.mirostat_tau, options.mirostat_eta, 100)
+            )
         elif options.mirostat == 2:
             self._add(lib.llama_sampler_init_temp(options.temperature))
             self._add(lib.llama_sampler_init_mirostat_v2(seed, options.mirostat_tau, options.mirostat_eta))

@@ -8,6 +8,7 @@ neither overlap nor leave the file. It reads only the header (through mmap), so 
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import struct
@@ -236,8 +237,9 @@ def _read_value(cursor: _Cursor, value_type: int, key: str, depth: int) -> tuple
     if item_scalar is not None:
         cursor.need(length * item_scalar.size, f"the {length} items of {key!r}")
         if length <= KEPT_ARRAY_LENGTH:
-            items = [item_scalar.unpack_from(cursor.data, cursor.offset + i * item_scalar.size)[0]
-                     for i in range(length)]
+            items = [
+                item_scalar.unpack_from(cursor.data, cursor.offset + i * item_scalar.size)[0] for i in range(length)
+            ]
             cursor.offset += length * item_scalar.size
             return items, length
         cursor.offset += length * item_scalar.size
@@ -300,8 +302,9 @@ def _check_tensor(
     if n_elements > cursor.size * block_size:  # cannot fit; also keeps the byte count from overflowing
         raise cursor.fail(f"tensor {name!r} claims shape {shape}, larger than the whole file")
     if shape[0] % block_size:
-        raise cursor.fail(f"tensor {name!r} row length {shape[0]} is not a multiple of {tensor_type.name}'s "
-                          f"block size {block_size}")
+        raise cursor.fail(
+            f"tensor {name!r} row length {shape[0]} is not a multiple of {tensor_type.name}'s block size {block_size}"
+        )
     n_bytes = n_elements // block_size * type_size
     if relative_offset % alignment:
         raise cursor.fail(f"tensor {name!r} data offset {relative_offset} is not aligned to {alignment}")
@@ -315,6 +318,6 @@ def _check_tensor(
 
 def _check_no_overlap(cursor: _Cursor, tensors: list[TensorInfo]) -> None:
     ordered = sorted(tensors, key=lambda tensor: tensor.offset)
-    for previous, current in zip(ordered, ordered[1:], strict=False):
+    for previous, current in itertools.pairwise(ordered):
         if previous.offset + previous.n_bytes > current.offset:
             raise cursor.fail(f"tensors {previous.name!r} and {current.name!r} overlap")

@@ -19,39 +19,34 @@ if TYPE_CHECKING:
     from ember.model import Model
 
 
-def _sampling_layer(
-    *,
-    max_tokens: int | None,
-    temperature: float,
-    top_p: float,
-    min_p: float,
-    typical_p: float,
-    top_k: int,
-    stop: str | list[str] | None,
-    seed: int | None,
-    repeat_penalty: float,
-    frequency_penalty: float,
-    presence_penalty: float,
-    mirostat_mode: int,
-    mirostat_tau: float,
-    mirostat_eta: float,
-) -> dict[str, Any]:
-    return {
-        "num_predict": max_tokens if max_tokens is not None and max_tokens > 0 else -1,
-        "temperature": temperature,
-        "top_p": top_p,
-        "min_p": min_p,
-        "typical_p": typical_p,
-        "top_k": top_k,
-        "stop": stop or (),
-        "seed": -1 if seed is None else seed,
-        "repeat_penalty": repeat_penalty,
-        "frequency_penalty": frequency_penalty,
-        "presence_penalty": presence_penalty,
-        "mirostat": mirostat_mode,
-        "mirostat_tau": mirostat_tau,
-        "mirostat_eta": mirostat_eta,
-    }
+# llama-cpp-python's argument names that are ember sampling options under another name (or the same one).
+_RENAMED = {"max_tokens": "num_predict", "mirostat_mode": "mirostat"}
+_SAMPLING_ARGUMENTS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "top_k",
+    "stop",
+    "seed",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "mirostat_mode",
+    "mirostat_tau",
+    "mirostat_eta",
+)
+
+
+def _sampling_layer(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """ember's sampling options from the sampling arguments of a llama-cpp-python style call."""
+    layer = {_RENAMED.get(name, name): arguments[name] for name in _SAMPLING_ARGUMENTS}
+    max_tokens = layer["num_predict"]
+    layer["num_predict"] = max_tokens if max_tokens is not None and max_tokens > 0 else -1
+    layer["stop"] = layer["stop"] or ()
+    layer["seed"] = -1 if layer["seed"] is None else layer["seed"]
+    return layer
 
 
 def _finish_reason(sequence: Sequence) -> str | None:
@@ -99,24 +94,7 @@ def create_completion(
         raise InvalidRequestError("suffix (fill-in-the-middle) is not supported; put the text in the prompt")
     if logprobs:
         raise InvalidRequestError("logprobs are not available from ember.Model(...) calls yet")
-    sampling = model.sampling(
-        **_sampling_layer(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            top_k=top_k,
-            stop=stop,
-            seed=seed,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-        )
-    )
+    sampling = model.sampling(**_sampling_layer(locals()))
     loaded = model.loaded
     tokens = loaded.prompts.tokenize_prompt(prompt)
     updates = loaded.complete_tokens(tokens, sampling, grammar)
@@ -179,24 +157,7 @@ def create_chat_completion(
 ) -> dict[str, Any] | Iterator[dict[str, Any]]:
     from ember.types import to_messages
 
-    sampling = model.sampling(
-        **_sampling_layer(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            top_k=top_k,
-            stop=stop,
-            seed=seed,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-        )
-    )
+    sampling = model.sampling(**_sampling_layer(locals()))
     loaded = model.loaded
     conversation = loaded.prompts.chat_messages(to_messages(messages), None)
     tokens = loaded.prompts.chat_tokens(conversation, num_ctx=loaded.options.num_ctx, sampling=sampling, truncate=False)

@@ -23,6 +23,9 @@ class ModelSource:
     template: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
     messages: tuple[Mapping[str, Any], ...] = ()
+    adapters: tuple[Path, ...] = ()  # LoRA adapter GGUF files applied at load (a Modelfile's ADAPTER)
+    license: str | None = None
+    digest: str | None = None  # "sha256:..." of the model blob, when it comes from the store
 
 
 def looks_like_path(text: str) -> bool:

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from ember import __version__
+from ember.cli import models as model_commands
 from ember.cli import run as run_command
 from ember.config import settings
 from ember.errors import EmberError
@@ -42,6 +43,7 @@ def _root(
 
 
 run_command.register(app)
+model_commands.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,16 @@ from typing import Any
 from ember.errors import ModelNotFoundError
 from ember.store.bundled import find_bundled
 from ember.store.names import parse_model_name
+from ember.store.store import (
+    ADAPTER_MEDIA_TYPE,
+    LICENSE_MEDIA_TYPE,
+    MESSAGES_MEDIA_TYPE,
+    PARAMS_MEDIA_TYPE,
+    SYSTEM_MEDIA_TYPE,
+    TEMPLATE_MEDIA_TYPE,
+    Manifest,
+    ModelStore,
+)
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,37 @@ def looks_like_path(text: str) -> bool:
     )
 
 
-def resolve_model(name_or_path: str | os.PathLike[str]) -> ModelSource:
+def source_from_manifest(store: ModelStore, manifest: Manifest) -> ModelSource:
+    """A stored model: its GGUF blob, with the defaults its Modelfile gave it."""
+    parameters: dict[str, Any] = {}
+    messages: list[Mapping[str, Any]] = []
+    template = system = None
+    params_layer = manifest.layer(PARAMS_MEDIA_TYPE)
+    if params_layer is not None:
+        parameters = dict(store.read_json(params_layer))
+    messages_layer = manifest.layer(MESSAGES_MEDIA_TYPE)
+    if messages_layer is not None:
+        messages = list(store.read_json(messages_layer))
+    if (layer := manifest.layer(TEMPLATE_MEDIA_TYPE)) is not None:
+        template = store.read_text(layer)
+    if (layer := manifest.layer(SYSTEM_MEDIA_TYPE)) is not None:
+        system = store.read_text(layer)
+    licenses = [store.read_text(layer) for layer in manifest.all_layers(LICENSE_MEDIA_TYPE)]
+    model_layer = manifest.model_layer
+    return ModelSource(
+        name=str(manifest.name),
+        path=store.blob_path(model_layer.digest),
+        system=system,
+        template=template,
+        parameters=parameters,
+        messages=tuple(messages),
+        adapters=tuple(store.blob_path(layer.digest) for layer in manifest.all_layers(ADAPTER_MEDIA_TYPE)),
+        license="\n\n".join(licenses) if licenses else None,
+        digest=model_layer.digest,
+    )
+
+
+def resolve_model(name_or_path: str | os.PathLike[str], store: ModelStore | None = None) -> ModelSource:
     """Find a model by store name or file path. Raises ModelNotFoundError with what to do next."""
     if isinstance(name_or_path, os.PathLike) or looks_like_path(str(name_or_path)):
         path = Path(name_or_path).expanduser()
@@ -46,10 +86,14 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ModelSource:
             raise ModelNotFoundError(f"no model file at {path}")
         return ModelSource(name=path.name, path=path.resolve())
     name = parse_model_name(str(name_or_path))
+    store = store or ModelStore()
+    manifest = store.get(name)
+    if manifest is not None:
+        return source_from_manifest(store, manifest)
     if name.host is None and name.namespace in (None, "library"):
         bundled = find_bundled(name.model, name.tag)
         if bundled is not None:
-            return ModelSource(name=f"{bundled.name}:{name.tag}", path=bundled.locate())
+            return ModelSource(name=f"{bundled.name}:{name.tag}", path=bundled.locate(), license=bundled.license)
     raise ModelNotFoundError(
         f"model '{name}' not found; try `ember pull {name.path_name}`, or pass the path of a .gguf file"
     )

@@ -34,7 +34,7 @@ class LoadedModel:
         self.source = source
         self.options = options
         self.info: GGUFInfo = read_gguf(source.path)  # refuse a damaged file before llama.cpp reads it
-        self.model = LlamaModel(source.path, options)
+        self.model = LlamaModel(source.path, options, adapters=source.adapters)
         try:
             self.engine = Engine(self.model, options)
             self.prompts = PromptBuilder(

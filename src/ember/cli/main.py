@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`ember run ... | head -1`): not an error. Silence the final flush too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:  # the disk is full, a file vanished, a permission is missing
+        print(f"Error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug: one line for the user, the traceback in the debug log
+        logging.getLogger("ember").debug("unexpected error", exc_info=True)
+        print(f"Error: unexpected {type(error).__name__}: {error} (run with EMBER_LOG_LEVEL=DEBUG for details)",
+              file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

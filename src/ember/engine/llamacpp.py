@@ -1,4 +1,6 @@
-"""The one module that talks to llama.cpp (through llama-cpp-python's low-level ctypes API).
+"""The module that talks to llama.cpp (through llama-cpp-python's low-level ctypes API).
+
+Only this module and `quantize.py` (llama.cpp's quantizer, kept apart for size) import llama_cpp.
 
 Everything above this file works with Python types: token lists, bytes, options. The names of the C API
 drift between llama-cpp-python releases, so `check_backend()` verifies what ember needs once, at first use,
@@ -12,6 +14,7 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from llama_cpp import llama_grammar
 
 from ember.errors import BackendVersionError, EngineError, InvalidRequestError, ModelLoadError
 from ember.options import LoadOptions, SamplingOptions
+from ember.store.gguf_file import read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +79,20 @@ _REQUIRED_FUNCTIONS = (
     "llama_model_n_params",
     "llama_model_desc",
     "llama_supports_gpu_offload",
+    "llama_adapter_lora_init",
+    "llama_adapter_lora_free",
+    "llama_set_adapters_lora",
+    "llama_model_quantize",
+    "llama_model_quantize_default_params",
 )
 
 _backend_lock = threading.Lock()
 _backend_ready = False
 # llama.cpp keeps a pointer to the callback; holding it here keeps ctypes from freeing it.
 _log_callback = None
-_GGML_LOG_ERROR = 3
+# ggml_log_level in ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's _logger.py
+# still lists an older order, with ERROR at 3).
+_GGML_LOG_ERROR = 4
 _GGML_LOG_CONTINUE = 5
 # llama.cpp explains a failed load only in its log; the last error lines go into ember's error message.
 _recent_errors: deque[str] = deque(maxlen=4)
@@ -100,7 +111,16 @@ def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
     log.debug("llama.cpp: %s", line)
 
 
-def _last_llama_error() -> str:
+def forget_llama_errors() -> None:
+    """Call before a llama.cpp function whose failure `last_llama_error()` should explain."""
+    _recent_errors.clear()
+
+
+def last_llama_error(after: str = "") -> str:
+    """What follows `after` in the newest error line llama.cpp logged with it, else its newest error line."""
+    for line in reversed(_recent_errors) if after else ():
+        if after in line:
+            return line.partition(after)[2]
     return _recent_errors[-1] if _recent_errors else ""
 
 
@@ -155,9 +175,13 @@ def physical_cores() -> int:
 
 
 class LlamaModel:
-    """Weights and vocabulary of one GGUF file, loaded by llama.cpp."""
+    """Weights and vocabulary of one GGUF file, loaded by llama.cpp, and the LoRA adapters loaded for it.
 
-    def __init__(self, path: Path, options: LoadOptions) -> None:
+    The adapters belong to the model (llama.cpp ties each to the model it was loaded for); every context
+    created from the model applies all of them with scale 1. Close order: contexts, then adapters, then model.
+    """
+
+    def __init__(self, path: Path, options: LoadOptions, adapters: Sequence[Path] = ()) -> None:
         check_backend()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = _gpu_layers(options.num_gpu)
@@ -166,10 +190,10 @@ class LlamaModel:
         params.use_mlock = options.use_mlock
         self.path = path
         self.gpu_layers = params.n_gpu_layers
-        _recent_errors.clear()
+        forget_llama_errors()
         self._model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
-            reason = _last_llama_error() or "unsupported architecture or not enough memory"
+            reason = last_llama_error("error loading model: ") or "unsupported architecture or not enough memory"
             raise ModelLoadError(
                 f"llama.cpp (llama-cpp-python {backend_version()}) could not load {path.name}: {reason}"
             )
@@ -186,6 +210,37 @@ class LlamaModel:
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._eog = [bool(lib.llama_vocab_is_eog(self._vocab, token)) for token in range(self.n_vocab)]
+        self.adapters: tuple[Path, ...] = tuple(Path(adapter) for adapter in adapters)
+        self._adapters: list[lib.llama_adapter_lora_p] = []
+        try:
+            for adapter in self.adapters:
+                self._adapters.append(self._load_adapter(adapter))
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_adapter(self, path: Path) -> lib.llama_adapter_lora_p:
+        info = read_gguf(path)  # refuse a damaged file before llama.cpp reads it
+        kind = info.metadata.get("general.type"), info.metadata.get("adapter.type")
+        if kind != ("adapter", "lora"):
+            raise ModelLoadError(
+                f"{path.name} is not a LoRA adapter (general.type {kind[0]!r}, adapter.type {kind[1]!r}; "
+                "a LoRA adapter GGUF has 'adapter' and 'lora')"
+            )
+        architecture = self.metadata("general.architecture")
+        if info.architecture != architecture:
+            raise ModelLoadError(
+                f"the LoRA adapter {path.name} is for the {info.architecture!r} architecture but {self.path.name} "
+                f"is a {architecture!r} model; use an adapter made for this model"
+            )
+        forget_llama_errors()
+        adapter = lib.llama_adapter_lora_init(self.handle, str(path).encode())
+        if not adapter:
+            reason = last_llama_error("failed to apply lora adapter: ") or "not enough memory"
+            raise ModelLoadError(
+                f"llama.cpp could not load the LoRA adapter {path.name} for {self.path.name}: {reason}"
+            )
+        return adapter
 
     @property
     def handle(self) -> lib.llama_model_p:
@@ -193,7 +248,15 @@ class LlamaModel:
             raise EngineError("the model has been closed")
         return self._model
 
+    @property
+    def adapter_handles(self) -> tuple[lib.llama_adapter_lora_p, ...]:
+        return tuple(self._adapters)
+
     def close(self) -> None:
+        # llama.cpp frees the adapters a model still holds with the model; freeing them first, explicitly,
+        # takes each out of the model's set, so nothing is freed twice.
+        while getattr(self, "_adapters", None):
+            lib.llama_adapter_lora_free(self._adapters.pop())
         if self._model:
             lib.llama_model_free(self._model)
             self._model = None
@@ -298,16 +361,29 @@ class LlamaContext:
         self.n_seq_max = options.num_parallel
         self.n_batch = options.num_batch
         self.threads = threads
-        _recent_errors.clear()
+        forget_llama_errors()
         self._ctx = lib.llama_init_from_model(model.handle, params)
         if not self._ctx:
-            reason = _last_llama_error() or "not enough memory"
+            reason = last_llama_error() or "not enough memory"
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {options.num_ctx} tokens x {options.num_parallel} "
                 f"sequences ({reason}); lower num_ctx or num_parallel"
             )
         self.n_ctx: int = lib.llama_n_ctx(self._ctx)
         self._memory = lib.llama_get_memory(self._ctx)
+        if model.adapter_handles:
+            self._apply_adapters(model.adapter_handles)
+
+    def _apply_adapters(self, handles: tuple[lib.llama_adapter_lora_p, ...]) -> None:
+        count = len(handles)
+        adapters = (lib.llama_adapter_lora_p_ctypes * count)(*handles)
+        scales = (ctypes.c_float * count)(*([1.0] * count))
+        forget_llama_errors()
+        status = lib.llama_set_adapters_lora(self._ctx, adapters, count, scales)
+        if status != 0:
+            self.close()
+            reason = last_llama_error() or f"status {status}"
+            raise ModelLoadError(f"llama.cpp could not apply {count} LoRA adapter(s) to the context: {reason}")
 
     @property
     def handle(self) -> lib.llama_context_p:

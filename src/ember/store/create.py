@@ -103,7 +103,7 @@ def _resolve_base(store: ModelStore, from_: str, base_dir: Path) -> _Base:
 def _model_blob(store: ModelStore, base: _Base, quantize: str | None) -> PendingBlob | Layer:
     if quantize is None:
         return base.model_layer or store.blob_from_file(base.path, link=True)
-    from ember.engine.llamacpp import quantize_model
+    from ember.engine.quantize import quantize_model
 
     output = store.temp_path(".gguf")
     try:
@@ -123,8 +123,11 @@ def _adapter_layers(store: ModelStore, base: _Base, spec: Modelfile, base_dir: P
         if not path.is_file():
             raise ModelNotFoundError(f"ADAPTER {adapter}: no adapter file at {path}")
         info = read_gguf(path)
-        if info.metadata.get("general.type") not in (None, "adapter"):
-            raise InvalidRequestError(f"ADAPTER {adapter} is a {info.metadata.get('general.type')}, not an adapter")
+        if info.metadata.get("general.type") != "adapter":
+            raise InvalidRequestError(
+                f"ADAPTER {adapter} is not a LoRA adapter (general.type is {info.metadata.get('general.type')!r}); "
+                "convert the adapter to GGUF with llama.cpp's convert_lora_to_gguf.py"
+            )
         if info.architecture != architecture:
             raise InvalidRequestError(
                 f"ADAPTER {adapter} is for {info.architecture} models, but the base model is {architecture}"

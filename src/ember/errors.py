@@ -48,6 +48,15 @@ class ModelNotFoundError(EmberError):
     http_status = 404
 
 
+class PullError(EmberError):
+    """Fetching a model from a remote source failed: an HTTP error, an interrupted or damaged download, a full disk.
+
+    502 (Bad Gateway) because most of these lie with the upstream server or the way to it, not with the request.
+    """
+
+    http_status = 502
+
+
 class CorruptModelError(EmberError):
     """A model file is not a readable GGUF file (empty, truncated, garbage, damaged)."""
 

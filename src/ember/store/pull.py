@@ -203,5 +203,6 @@ def _pull_huggingface(store: ModelStore, reference: str, *, target_name: str | N
 
     hf_file = resolve_hf_reference(reference)
     name = target_name or hf_file.suggested_name
-    return _download_and_register(store, hf_file.url, name=name, sha256=sha256, progress=progress,
+    expected = sha256 or hf_file.sha256  # the hub lists each file's sha256: a download is always checked
+    return _download_and_register(store, hf_file.url, name=name, sha256=expected, progress=progress,
                                   headers=dict(hf_file.headers))

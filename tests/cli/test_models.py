@@ -11,8 +11,9 @@ EMBER = [sys.executable, "-m", "ember.cli.main"]
 
 
 def ember(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*EMBER, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*EMBER, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL
+    )
 
 
 def test_show_reads_facts_from_the_file() -> None:

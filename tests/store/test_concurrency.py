@@ -48,8 +48,13 @@ def test_concurrent_pull_create_cp_rm_leave_a_consistent_store(tmp_path: Path) -
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     workers = [
-        subprocess.Popen([sys.executable, str(script), str(index), "25", str(tiny), str(other)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+        subprocess.Popen(
+            [sys.executable, str(script), str(index), "25", str(tiny), str(other)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
         for index in range(4)
     ]
     for worker in workers:

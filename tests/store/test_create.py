@@ -48,7 +48,7 @@ def test_parameter_temperature_zero_makes_it_deterministic() -> None:
     hot = {_answer("smollm2", temperature=1.5, seed=seed) for seed in (1, 2, 3)}
     assert len(hot) > 1
     with ember.Model("steady", num_ctx=512) as model:
-        assert model.sampling().temperature == 0  # the request's own value still wins over the default:
+        assert model.sampling().temperature == 0  # the Modelfile default, beneath what a request says
         assert model.sampling(temperature=0.7).temperature == 0.7
 
 
@@ -63,14 +63,16 @@ def test_a_go_template_is_translated_and_used() -> None:
     modelfile = (
         "FROM smollm2\n"
         'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-        '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
+        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
         '{{ .Response }}<|im_end|>\n"""\n'
         "SYSTEM Be brief.\n"
     )
     create("templated", modelfile)
     rendered = _rendered_prompt("templated", QUESTION)
-    assert rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n" \
-                       "<|im_start|>assistant\n"
+    assert (
+        rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_a_jinja_template_with_an_error_is_refused_before_registering() -> None:
@@ -94,7 +96,7 @@ def test_from_a_relative_gguf_path(tmp_path: Path, model_path: Path) -> None:
     (tmp_path / "model.gguf").symlink_to(model_path)
     create("frompath", "FROM ./model.gguf\n", base_dir=tmp_path)
     assert read_gguf(resolve_model("frompath").path).architecture == "llama"
-    with pytest.raises(ModelNotFoundError, match="FROM ./missing.gguf"):
+    with pytest.raises(ModelNotFoundError, match=r"FROM \./missing\.gguf"):
         create("missing", "FROM ./missing.gguf\n", base_dir=tmp_path)
     with pytest.raises(ModelNotFoundError, match="FROM nosuchbase"):
         create("missing", "FROM nosuchbase\n")
@@ -133,15 +135,17 @@ def test_quantize_q4_0_yields_a_model_of_that_type_that_answers() -> None:
 def test_ember_create_command_and_show_modelfile(tmp_path: Path) -> None:
     (tmp_path / "Modelfile").write_text("from smollm2\nparameter temperature 0\nsystem You are terse.\n")
     cli = [sys.executable, "-m", "ember.cli.main"]
-    created = subprocess.run([*cli, "create", "terse", "-f", str(tmp_path / "Modelfile")], capture_output=True,
-                             text=True, timeout=120)
+    created = subprocess.run(
+        [*cli, "create", "terse", "-f", str(tmp_path / "Modelfile")], capture_output=True, text=True, timeout=120
+    )
     assert created.returncode == 0, created.stderr
     shown = subprocess.run([*cli, "show", "terse", "--modelfile"], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "FROM " in shown.stdout and "PARAMETER temperature 0" in shown.stdout and "You are terse." in shown.stdout
     (tmp_path / "Again").write_text(shown.stdout)
-    again = subprocess.run([*cli, "create", "terse2", "-f", str(tmp_path / "Again")], capture_output=True,
-                           text=True, timeout=120)
+    again = subprocess.run(
+        [*cli, "create", "terse2", "-f", str(tmp_path / "Again")], capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0, again.stderr
     assert resolve_model("terse2").system == "You are terse."
     broken = tmp_path / "Broken"

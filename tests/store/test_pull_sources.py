@@ -94,8 +94,9 @@ def hub(server: FileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ggu
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", server.base_url)
     q8 = write_tiny_gguf(tmp_path / "q8.gguf", tensors=5).read_bytes()
-    server.add_hf_repo("someone/Tiny-GGUF", {"tiny.Q4_K_M.gguf": gguf_bytes, "tiny.Q8_0.gguf": q8,
-                                             "README.md": b"# tiny\n"})
+    server.add_hf_repo(
+        "someone/Tiny-GGUF", {"tiny.Q4_K_M.gguf": gguf_bytes, "tiny.Q8_0.gguf": q8, "README.md": b"# tiny\n"}
+    )
     return server
 
 
@@ -110,8 +111,12 @@ def test_pull_from_the_hub_picks_q4_k_m_or_the_named_quant(hub: FileServer, gguf
 
 
 def test_ember_pull_from_the_hub_on_the_command_line(hub: FileServer) -> None:
-    result = subprocess.run([sys.executable, "-m", "ember.cli.main", "pull", "hf.co/someone/Tiny-GGUF:q8_0",
-                             "--name", "tiny:q8"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "ember.cli.main", "pull", "hf.co/someone/Tiny-GGUF:q8_0", "--name", "tiny:q8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     listed = subprocess.run([sys.executable, "-m", "ember.cli.main", "list"], capture_output=True, text=True)
     assert "tiny:q8" in listed.stdout

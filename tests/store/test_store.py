@@ -100,8 +100,9 @@ def test_list_cp_and_rm(store: ModelStore, model_path: Path, tmp_path: Path) -> 
         store.copy("nosuch", "other")
 
 
-def test_removing_one_of_two_models_sharing_a_blob_leaves_the_other_working(store: ModelStore,
-                                                                            model_path: Path) -> None:
+def test_removing_one_of_two_models_sharing_a_blob_leaves_the_other_working(
+    store: ModelStore, model_path: Path
+) -> None:
     pull(str(model_path), name="one")
     pull(str(model_path), name="two")
     digest = store.require("one").model_layer.digest
@@ -119,8 +120,9 @@ def test_removing_one_of_two_models_sharing_a_blob_leaves_the_other_working(stor
 @pytest.mark.parametrize(
     "name", ["../evil", "a/../../b", "..", "/etc/passwd:latest", "x:../../y", "a/b/c/d", "name with space"]
 )
-def test_hostile_names_are_refused_and_nothing_is_written(store: ModelStore, model_path: Path, tmp_path: Path,
-                                                          name: str) -> None:
+def test_hostile_names_are_refused_and_nothing_is_written(
+    store: ModelStore, model_path: Path, tmp_path: Path, name: str
+) -> None:
     before = set(tmp_path.parent.rglob("*"))
     with pytest.raises(InvalidRequestError, match="invalid model name"):
         pull(str(model_path), name=name)
@@ -132,8 +134,15 @@ def test_hostile_names_are_refused_and_nothing_is_written(store: ModelStore, mod
 
 @pytest.mark.parametrize(
     "digest",
-    ["sha256:../../etc/passwd", "sha256:" + "A" * 64, "sha256:" + "0" * 63, "md5:" + "0" * 32, "0" * 64, "",
-     "sha256:" + "0" * 64 + "/x"],
+    [
+        "sha256:../../etc/passwd",
+        "sha256:" + "A" * 64,
+        "sha256:" + "0" * 63,
+        "md5:" + "0" * 32,
+        "0" * 64,
+        "",
+        "sha256:" + "0" * 64 + "/x",
+    ],
 )
 def test_hostile_digests_are_refused(store: ModelStore, digest: str) -> None:
     with pytest.raises(InvalidRequestError, match="invalid digest"):

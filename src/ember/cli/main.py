@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as error:  # a bug: one line for the user, the traceback in the debug log
         logging.getLogger("ember").debug("unexpected error", exc_info=True)
-        print(f"Error: unexpected {type(error).__name__}: {error} (run with EMBER_LOG_LEVEL=DEBUG for details)",
-              file=sys.stderr)
+        print(
+            f"Error: unexpected {type(error).__name__}: {error} (run with EMBER_LOG_LEVEL=DEBUG for details)",
+            file=sys.stderr,
+        )
         return 1
     return result if isinstance(result, int) else 0
 

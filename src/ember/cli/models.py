@@ -56,8 +56,15 @@ def format_size(size: int) -> str:
 
 def format_age(timestamp: float, now: float | None = None) -> str:
     seconds = max(0, int((now or time.time()) - timestamp))
-    for size, unit in ((86400 * 365, "year"), (86400 * 30, "month"), (86400 * 7, "week"), (86400, "day"),
-                       (3600, "hour"), (60, "minute"), (1, "second")):
+    for size, unit in (
+        (86400 * 365, "year"),
+        (86400 * 30, "month"),
+        (86400 * 7, "week"),
+        (86400, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ):
         if seconds >= size:
             count = seconds // size
             return f"{count} {unit}{'s' if count > 1 else ''} ago"
@@ -68,8 +75,14 @@ def list_models() -> None:
     """List the models in the store."""
     rows = [("NAME", "ID", "SIZE", "MODIFIED")]
     for manifest in ModelStore().list():
-        rows.append((str(manifest.name), manifest.model_layer.digest[7:19], format_size(manifest.size),
-                     format_age(manifest.modified)))
+        rows.append(
+            (
+                str(manifest.name),
+                manifest.model_layer.digest[7:19],
+                format_size(manifest.size),
+                format_age(manifest.modified),
+            )
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
         print("    ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
@@ -114,11 +127,17 @@ def show(
     elif modelfile:
         from ember.store.modelfile import render_modelfile
 
-        print(render_modelfile(
-            from_=str(source.path), parameters=facts["parameters_defaults"], template=source.template,
-            system=source.system, messages=facts["messages"], license=[source.license] if source.license else [],
-            adapters=facts["adapters"],
-        ))
+        print(
+            render_modelfile(
+                from_=str(source.path),
+                parameters=facts["parameters_defaults"],
+                template=source.template,
+                system=source.system,
+                messages=facts["messages"],
+                license=[source.license] if source.license else [],
+                adapters=facts["adapters"],
+            )
+        )
     elif template:
         print(facts["template"] or "")
     elif system:
@@ -139,9 +158,14 @@ def _print_parameters(parameters: dict[str, Any]) -> None:
 
 def _print_facts(facts: dict[str, Any]) -> None:
     print("  Model")
-    for label, key in (("architecture", "architecture"), ("parameters", "parameter_size"),
-                       ("context length", "context_length"), ("embedding length", "embedding_length"),
-                       ("layers", "layers"), ("quantization", "quantization")):
+    for label, key in (
+        ("architecture", "architecture"),
+        ("parameters", "parameter_size"),
+        ("context length", "context_length"),
+        ("embedding length", "embedding_length"),
+        ("layers", "layers"),
+        ("quantization", "quantization"),
+    ):
         print(f"    {label:<20}{facts[key]}")
     if facts["parameters_defaults"]:
         print("\n  Parameters")

@@ -114,8 +114,9 @@ def _model_blob(store: ModelStore, base: _Base, quantize: str | None) -> Pending
         output.unlink(missing_ok=True)
 
 
-def _adapter_layers(store: ModelStore, base: _Base, spec: Modelfile, base_dir: Path,
-                    architecture: str) -> list[StagedLayer]:
+def _adapter_layers(
+    store: ModelStore, base: _Base, spec: Modelfile, base_dir: Path, architecture: str
+) -> list[StagedLayer]:
     layers: list[StagedLayer] = [(ADAPTER_MEDIA_TYPE, layer) for layer in base.layers.get(ADAPTER_MEDIA_TYPE, [])]
     for adapter in spec.adapters:
         path = Path(adapter).expanduser()

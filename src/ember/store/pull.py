@@ -111,8 +111,14 @@ def pull(
     info = _validated(path)
     blob = store.blob_from_file(path, link=True)
     license_blob = store.blob_from_bytes(bundled.license.encode())
-    return _register(store, str(target or parsed), blob, info, f"python package {bundled.package}",
-                     extra=[(LICENSE_MEDIA_TYPE, license_blob)])
+    return _register(
+        store,
+        str(target or parsed),
+        blob,
+        info,
+        f"python package {bundled.package}",
+        extra=[(LICENSE_MEDIA_TYPE, license_blob)],
+    )
 
 
 def _validated(path: Path) -> GGUFInfo:
@@ -190,19 +196,22 @@ def _download_and_register(
         raise
 
 
-def _pull_url(store: ModelStore, url: str, *, target_name: str | None, sha256: str | None,
-              progress: ProgressFactory) -> PullResult:
+def _pull_url(
+    store: ModelStore, url: str, *, target_name: str | None, sha256: str | None, progress: ProgressFactory
+) -> PullResult:
     filename = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     name = target_name or name_from_filename(filename)
     return _download_and_register(store, url, name=name, sha256=sha256, progress=progress)
 
 
-def _pull_huggingface(store: ModelStore, reference: str, *, target_name: str | None, sha256: str | None,
-                      progress: ProgressFactory) -> PullResult:
+def _pull_huggingface(
+    store: ModelStore, reference: str, *, target_name: str | None, sha256: str | None, progress: ProgressFactory
+) -> PullResult:
     from ember.store.huggingface import resolve_hf_reference
 
     hf_file = resolve_hf_reference(reference)
     name = target_name or hf_file.suggested_name
     expected = sha256 or hf_file.sha256  # the hub lists each file's sha256: a download is always checked
-    return _download_and_register(store, hf_file.url, name=name, sha256=expected, progress=progress,
-                                  headers=dict(hf_file.headers))
+    return _download_and_register(
+        store, hf_file.url, name=name, sha256=expected, progress=progress, headers=dict(hf_file.headers)
+    )

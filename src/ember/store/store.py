@@ -220,8 +220,9 @@ class ModelStore:
 
     # --- manifests -----------------------------------------------------------------------------------
 
-    def commit(self, name: str | ModelName, layers: Sequence[tuple[str, PendingBlob | Layer]],
-               config: dict[str, Any]) -> Manifest:
+    def commit(
+        self, name: str | ModelName, layers: Sequence[tuple[str, PendingBlob | Layer]], config: dict[str, Any]
+    ) -> Manifest:
         """Make staged blobs visible and write the manifest of `name`, atomically, under the lock.
 
         `layers` pairs a media type with a staged blob or an existing layer (reused from another manifest).
@@ -244,8 +245,9 @@ class ModelStore:
                     if not self.blob_path(layer.digest).exists():
                         raise StoreError(f"layer {layer.digest} is missing from the store; pull the model again")
                     written.append(layer)
-                manifest = Manifest(parsed, Layer(CONFIG_MEDIA_TYPE, config_blob.digest, config_blob.size),
-                                    tuple(written), time.time())
+                manifest = Manifest(
+                    parsed, Layer(CONFIG_MEDIA_TYPE, config_blob.digest, config_blob.size), tuple(written), time.time()
+                )
                 self._replace_manifest(manifest)
                 return manifest
         except OSError as error:

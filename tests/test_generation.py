@@ -37,7 +37,7 @@ def test_num_predict_gives_exactly_that_many_tokens(model: ember.Model) -> None:
     result = model.generate("1, 2, 3, 4, 5,", raw=True, num_predict=17, **greedy())
     assert result.done_reason == "length"
     assert result.eval_count == 17
-    continuation = result.context[result.prompt_eval_count :]
+    continuation = result.context[-result.eval_count :]
     assert len(continuation) == 17
     assert model.detokenize(continuation) == result.response
 
@@ -65,7 +65,7 @@ def _stop_string_across_tokens(model: ember.Model, text: str, tokens: list[int])
 
 def test_a_stop_string_spanning_tokens_ends_output_before_it_and_never_leaks(model: ember.Model) -> None:
     baseline = model.generate(STORY_PROMPT, num_predict=60, **greedy())
-    tokens = baseline.context[baseline.prompt_eval_count :]
+    tokens = baseline.context[-baseline.eval_count :]
     stop = _stop_string_across_tokens(model, baseline.response, tokens)
     expected = baseline.response[: baseline.response.find(stop)]
 
@@ -91,7 +91,7 @@ def test_multibyte_characters_survive_streaming(model: ember.Model) -> None:
     chunks = list(model.generate(prompt, raw=True, num_predict=24, stream=True, **greedy()))
     streamed = "".join(chunk.response for chunk in chunks)
     final = model.generate(prompt, raw=True, num_predict=24, **greedy())
-    generated = final.context[final.prompt_eval_count :]
+    generated = final.context[-final.eval_count :]
     split_pieces = 0
     for token in generated:
         try:

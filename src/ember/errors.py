@@ -85,3 +85,34 @@ class BackendVersionError(EmberError):
     """The installed llama-cpp-python lacks a function ember needs."""
 
     http_status = 500
+
+
+class ServerBusyError(EmberError):
+    """Too many requests already wait for a model; refused at once rather than queued without bound.
+
+    503 with `retry_after` (seconds, at least 1) so HTTP front ends can send a Retry-After header: an
+    unbounded queue would only turn overload into timeouts and memory growth.
+    """
+
+    http_status = 503
+
+    def __init__(self, max_queued: int, retry_after: int) -> None:
+        super().__init__(
+            f"server busy, please try again. maximum pending requests exceeded ({max_queued} already waiting); "
+            f"retry in about {retry_after} s"
+        )
+        self.max_queued = max_queued
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(EmberError):
+    """A request waited longer than its timeout for a free slot on the model."""
+
+    http_status = 504
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(
+            f"the request waited {waited:g} s for a free slot on the model and timed out; "
+            "raise the request's timeout to wait longer, or try again when the server is less busy"
+        )
+        self.waited = waited

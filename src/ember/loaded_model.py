@@ -177,7 +177,8 @@ class LoadedModel:
         metrics = {"total_duration": time.perf_counter_ns() - started_ns + load_ns, "load_duration": load_ns}
         if sequence is not None:
             metrics.update(
-                prompt_eval_count=len(sequence.prompt_tokens),
+                prompt_eval_count=sequence.prompt_eval_count,
+                prompt_cached_count=sequence.cached_tokens,
                 prompt_eval_duration=sequence.prompt_eval_duration_ns,
                 eval_count=sequence.eval_count,
                 eval_duration=sequence.eval_duration_ns,

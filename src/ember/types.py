@@ -137,7 +137,8 @@ class Metrics(_Subscriptable):
 
     total_duration: int = 0
     load_duration: int = 0
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # prompt tokens evaluated; those reused from the KV cache are not counted
+    prompt_cached_count: int = 0  # ember's addition: prompt tokens whose KV was reused
     prompt_eval_duration: int = 0
     eval_count: int = 0
     eval_duration: int = 0

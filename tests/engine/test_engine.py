@@ -150,3 +150,65 @@ def test_the_context_window_ends_a_sequence_with_length(parallel_model: ember.Mo
         pass
     assert sequence.done_reason in (DoneReason.LENGTH, DoneReason.STOP)
     assert len(tokens) + len(sequence.output_tokens) <= 512 + 1
+
+
+def test_a_second_chat_turn_reuses_the_first_turns_kv_and_gives_the_same_text(parallel_model: ember.Model) -> None:
+    engine = parallel_model.loaded.engine
+    first_turn = [{"role": "user", "content": "Name a large animal."}]
+    first = parallel_model.chat(first_turn, num_predict=16, temperature=0, repeat_penalty=1.0)
+    second_turn = [
+        *first_turn,
+        {"role": "assistant", "content": first.message.content},
+        {"role": "user", "content": "Where does it live?"},
+    ]
+
+    reused = parallel_model.chat(second_turn, num_predict=24, temperature=0, repeat_penalty=1.0)
+    assert reused.prompt_cached_count > 20
+    engine.forget_cache()
+    engine.prefix_reuse = False
+    try:
+        fresh = parallel_model.chat(second_turn, num_predict=24, temperature=0, repeat_penalty=1.0)
+    finally:
+        engine.prefix_reuse = True
+    assert fresh.prompt_cached_count == 0
+    assert fresh.message.content == reused.message.content
+    assert fresh.prompt_eval_count == reused.prompt_eval_count + reused.prompt_cached_count
+
+
+def test_the_same_prompt_again_decodes_only_its_last_token(parallel_model: ember.Model) -> None:
+    prompt = "The history of the Roman Empire begins"
+    first = parallel_model.generate(prompt, raw=True, num_predict=8, temperature=0)
+    again = parallel_model.generate(prompt, raw=True, num_predict=8, temperature=0)
+    assert again.response == first.response
+    assert again.prompt_eval_count == 1
+    assert again.prompt_cached_count == first.prompt_eval_count + first.prompt_cached_count - 1
+
+
+def test_forks_share_the_prompt_and_match_separate_runs(
+    parallel_model: ember.Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = parallel_model.loaded.engine
+    engine.forget_cache()
+    tokens = parallel_model.tokenize("Write a sentence about the ocean.")
+    samplings = [sampling_options({"temperature": 0.9, "seed": seed, "num_predict": 16}) for seed in (1, 2, 3)]
+    alone = []
+    for sampling in samplings:
+        engine.forget_cache()
+        alone.append(_run_alone(engine, SequenceRequest(tokens, sampling, 16))[1])
+    engine.forget_cache()
+
+    prefilled: list[int] = []
+    real_decode = engine.context.decode
+
+    def counting_decode(batch: TokenBatch) -> None:
+        prefilled.append(batch.size)
+        real_decode(batch)
+
+    monkeypatch.setattr(engine.context, "decode", counting_decode)
+    sequences = engine.submit_forks(SequenceRequest(tokens, samplings[0], 16), samplings[1:])
+    for _ in engine.run(sequences):
+        pass
+    assert [sequence.output_tokens for sequence in sequences] == alone
+    assert prefilled[0] == len(tokens)  # the prompt was decoded once, not three times
+    assert all(fork.cached_tokens == len(tokens) for fork in sequences[1:])
+    assert len({tuple(tokens) for tokens in alone}) > 1

@@ -81,3 +81,12 @@ def test_held_text_that_turns_out_not_to_stop_is_released() -> None:
     assert matcher.push("# b") == ("## b", False)
     assert matcher.push("#") == ("", False)
     assert matcher.flush() == "#"
+
+
+def test_a_longer_stop_string_that_starts_earlier_wins_once_complete() -> None:
+    matcher = StopMatcher(("#", "a#a"))
+    assert matcher.push("a#") == ("", False)  # '#' is found, but 'a#a' may still complete from the 'a' before it
+    assert matcher.push("a") == ("", True)
+    unfinished = StopMatcher(("#", "a#a"))
+    assert unfinished.push("a#") == ("", False)
+    assert unfinished.flush() == "a"  # 'a#a' never completed: the text is cut at '#'

@@ -21,6 +21,7 @@ class DoneReason(enum.StrEnum):
 
 class Phase(enum.Enum):
     WAITING = "waiting"  # submitted, no KV slot yet
+    FORKED = "forked"  # has a slot; waits for its parent's prompt KV to be copied into it (n > 1 completions)
     PREFILL = "prefill"  # prompt tokens still to decode
     DECODE = "decode"  # generating, one token per step
     DONE = "done"
@@ -63,6 +64,9 @@ class Sequence:
     done_reason: DoneReason | None = None
     error: str | None = None
     cancel_requested: bool = False
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from an earlier sequence (or a parent)
+    parent: Sequence | None = None  # the sequence whose prompt KV this one copies (n > 1 completions)
+    forks: list[Sequence] = field(default_factory=list)
     sampler: Sampler | None = None
     decoder: Utf8Decoder = field(default_factory=Utf8Decoder)
     stopper: StopMatcher = field(init=False)
@@ -93,3 +97,12 @@ class Sequence:
     @property
     def eval_count(self) -> int:
         return len(self.output_tokens)
+
+    @property
+    def prompt_eval_count(self) -> int:
+        """Prompt tokens actually evaluated: the prompt less what came from the cache (Ollama reports this)."""
+        return len(self.prompt_tokens) - self.cached_tokens
+
+    def kv_tokens(self) -> list[int]:
+        """The tokens whose KV is in this sequence's slot: the prompt and every generated token decoded so far."""
+        return (self.prompt_tokens + self.output_tokens)[: self.n_past]

@@ -55,16 +55,30 @@ class StopMatcher:
             if found != -1 and (first == -1 or found < first):
                 first = found
         if first != -1:
-            self._held = ""
-            return buffer[:first], True
+            pending = self._pending_start(buffer, first)
+            if pending is None:
+                self._held = ""
+                return buffer[:first], True
+            # A longer stop string may still complete and start earlier than the one found: wait for it.
+            self._held = buffer[pending:]
+            return buffer[:pending], False
         keep = self._partial_match_length(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep], False
 
     def flush(self) -> str:
-        """Release held text at the end of generation (it did not turn into a stop string)."""
+        """Release held text at the end of generation, cut at a stop string it already holds."""
         held, self._held = self._held, ""
-        return held
+        found = [held.find(stop) for stop in self._stops if stop in held]
+        return held[: min(found)] if found else held
+
+    def _pending_start(self, buffer: str, before: int) -> int | None:
+        """The earliest position before `before` where the rest of `buffer` begins a longer stop string."""
+        for start in range(max(0, len(buffer) - self._longest + 1), before):
+            rest = buffer[start:]
+            if any(len(stop) > len(rest) and stop.startswith(rest) for stop in self._stops):
+                return start
+        return None
 
     def _partial_match_length(self, buffer: str) -> int:
         """Length of the longest suffix of `buffer` that is a proper prefix of some stop string."""

@@ -1,0 +1,1 @@
+"""Serving core: request scheduling for loaded models."""

@@ -1,0 +1,239 @@
+"""The per-model request queue: N slots, waiters served by priority with aging.
+
+Ollama serves a model's requests first come, first served. ember lets a caller mark a request HIGH, NORMAL or
+LOW; to keep LOW requests from starving under a steady stream of HIGH ones, a waiter's priority improves by
+one class per `aging_seconds` it has waited. Ties go to the earlier arrival.
+
+Threading: a `RequestQueue` belongs to one asyncio event loop and is not thread-safe. Every method must be
+called from that loop's thread; code running elsewhere (an engine thread finishing a sequence) releases
+with `loop.call_soon_threadsafe(queue.release, ticket)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from ember.errors import InvalidRequestError, RequestTimeoutError, ServerBusyError
+
+
+class Priority(enum.IntEnum):
+    """Lower values are served first."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+def parse_priority(value: str | int | None) -> Priority:
+    """Read a priority as an API request gives it: a name in any case, 0/1/2, or nothing (NORMAL)."""
+    if value is None:
+        return Priority.NORMAL
+    if isinstance(value, str):
+        try:
+            return Priority[value.strip().upper()]
+        except KeyError:
+            pass
+    # bool is an int subclass: True must not quietly mean NORMAL.
+    elif isinstance(value, int) and not isinstance(value, bool) and value in Priority._value2member_map_:
+        return Priority(value)
+    raise InvalidRequestError(f"invalid priority {value!r}: use 'high', 'normal' or 'low' (or 0, 1, 2)")
+
+
+class Ticket:
+    """Proof of one held slot. Give it back with `release()` or by leaving `async with ticket:`.
+
+    Releasing twice is harmless, so a `finally` block may release a ticket that a cleanup path already did.
+    """
+
+    __slots__ = ("_queue", "granted_at", "priority", "released")
+
+    def __init__(self, queue: RequestQueue, priority: Priority, granted_at: float) -> None:
+        self._queue = queue
+        self.priority = priority
+        self.granted_at = granted_at
+        self.released = False
+
+    def release(self) -> None:
+        """Free the slot; the same as `queue.release(ticket)`."""
+        self._queue.release(self)
+
+    async def __aenter__(self) -> Ticket:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    priority: Priority
+    arrived: float
+    seq: int
+    future: asyncio.Future[Ticket] = field(repr=False)
+
+
+class RequestQueue:
+    """Hands out a model's `slots` to requests, queueing at most `max_queued` of them.
+
+    Waiters are kept in a plain list and the next one is chosen by a scan at grant time: effective priority
+    depends on the current time, so a heap ordered at arrival would go stale, and queues are short (bounded
+    by `max_queued`, typically tens to hundreds).
+    """
+
+    #: How many recent slot hold times feed the retry_after estimate.
+    HOLD_SAMPLES = 32
+
+    def __init__(
+        self,
+        *,
+        slots: int,
+        max_queued: int,
+        aging_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_queued < 0:
+            raise ValueError(f"max_queued must be 0 or more, not {max_queued}")
+        if not aging_seconds > 0:
+            raise ValueError(f"aging_seconds must be positive, not {aging_seconds}")
+        self._slots = self._check_slots(slots)
+        self._max_queued = max_queued
+        self._aging = aging_seconds
+        self._clock = clock
+        self._in_use = 0
+        self._waiters: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._holds: deque[float] = deque(maxlen=self.HOLD_SAMPLES)
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def in_use(self) -> int:
+        """Slots held by granted, unreleased tickets (may exceed `slots` for a while after `set_slots` shrinks)."""
+        return self._in_use
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, priority: Priority = Priority.NORMAL, *, timeout: float | None = None) -> Ticket:
+        """Wait for a slot and return its ticket; the caller must release it.
+
+        Raises ServerBusyError at once when `max_queued` requests already wait, RequestTimeoutError when
+        `timeout` seconds (event-loop time) pass first, and whatever `fail_all` was given. If the waiting task
+        is cancelled, or times out, just as a slot was granted to it, the slot goes on to the next waiter.
+        """
+        if self._in_use < self._slots and not self._waiters:
+            return self._grant(priority)  # no await on this path: the grant is immediate
+        if len(self._waiters) >= self._max_queued:
+            raise ServerBusyError(self._max_queued, self.retry_after())
+        future: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(priority, self._clock(), next(self._seq), future)
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            if self._failed(future):
+                raise  # fail_all's own error, which happened to be a TimeoutError
+            self._abandon(waiter)
+            raise RequestTimeoutError(timeout or 0.0) from None
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+
+    def release(self, ticket: Ticket) -> None:
+        """Free the ticket's slot and grant it to the next waiter; does nothing if it is already released."""
+        if ticket._queue is not self:
+            raise ValueError("this ticket belongs to another queue")
+        if ticket.released:
+            return
+        ticket.released = True
+        self._in_use -= 1
+        self._holds.append(max(0.0, self._clock() - ticket.granted_at))
+        self._dispatch()
+
+    def set_slots(self, slots: int) -> None:
+        """Change the slot count (the model reloaded with another num_parallel).
+
+        Growing grants waiters at once. Shrinking revokes nothing: held tickets run to completion, and no new
+        grant happens until `in_use` falls below the new count.
+        """
+        self._slots = self._check_slots(slots)
+        self._dispatch()
+
+    def snapshot(self) -> list[tuple[Priority, float]]:
+        """Each waiter's priority and seconds waited, in the order they would be served now (for monitoring)."""
+        now = self._clock()
+        order = sorted(self._waiters, key=lambda w: self._rank(w, now))
+        return [(w.priority, now - w.arrived) for w in order]
+
+    def fail_all(self, error: Exception) -> None:
+        """Make every waiter raise `error` (the model was unloaded, or its runner died, before they started).
+
+        Held tickets are untouched and the queue stays usable: a reloaded model can keep serving through it.
+        Every waiter raises the same exception object.
+        """
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: mean recent hold time × (waiters + 1) / slots, at least 1.
+
+        A rough guess at when the queue will have drained enough to take one more request. With no hold
+        history yet it is 1.
+        """
+        if not self._holds:
+            return 1
+        mean_hold = sum(self._holds) / len(self._holds)
+        return max(1, math.ceil(mean_hold * (len(self._waiters) + 1) / self._slots))
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_slots(slots: int) -> int:
+        if slots < 1:
+            raise ValueError(f"slots must be 1 or more, not {slots}")
+        return slots
+
+    def _rank(self, waiter: _Waiter, now: float) -> tuple[int, int]:
+        """Effective priority (class minus one per aging period waited), then arrival order."""
+        aged = math.floor(max(0.0, now - waiter.arrived) / self._aging)
+        return (int(waiter.priority) - aged, waiter.seq)
+
+    def _grant(self, priority: Priority) -> Ticket:
+        self._in_use += 1
+        return Ticket(self, priority, self._clock())
+
+    def _dispatch(self) -> None:
+        """Grant free slots to the best waiters. Synchronous, so `in_use` is always exact."""
+        while self._waiters and self._in_use < self._slots:
+            now = self._clock()
+            waiter = min(self._waiters, key=lambda w: self._rank(w, now))
+            self._waiters.remove(waiter)
+            if not waiter.future.done():  # a cancelled waiter whose task has not run its cleanup yet
+                waiter.future.set_result(self._grant(waiter.priority))
+
+    @staticmethod
+    def _failed(future: asyncio.Future[Ticket]) -> bool:
+        return future.done() and not future.cancelled() and future.exception() is not None
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """Take a timed-out or cancelled waiter out; if a slot was granted to it meanwhile, pass the slot on."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+            self.release(waiter.future.result())

@@ -75,13 +75,34 @@ class LoadedModel:
 
     def generate(self, request: GenerateRequest) -> Iterator[GenerateResponse]:
         """Stream the answer to a generate request; the last chunk has done=True and the timings."""
+        job = self.start_generate(request)
+        if isinstance(job, GenerateResponse):
+            yield job
+            return
+        for update in self._run(job.sequence):
+            chunk = job.chunk(update)
+            if chunk is not None:
+                yield chunk
+
+    def chat(self, request: ChatRequest) -> Iterator[ChatResponse]:
+        """Stream the next assistant message; the last chunk has done=True and the timings."""
+        job = self.start_chat(request)
+        if isinstance(job, ChatResponse):
+            yield job
+            return
+        for update in self._run(job.sequence):
+            chunk = job.chunk(update)
+            if chunk is not None:
+                yield chunk
+
+    def start_generate(self, request: GenerateRequest) -> Job | GenerateResponse:
+        """Submit a generate request to the engine; a request with nothing to generate gets its answer now."""
         started = time.perf_counter_ns()
         sampling = self.sampling_for(request.options)
         if request.images:
             raise InvalidRequestError(f"model '{self.name}' does not support images; send text only")
         if not request.prompt and not request.context:
-            yield GenerateResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
-            return
+            return GenerateResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
         if request.raw:
             tokens = self.prompts.tokenize_prompt(request.prompt)
         else:
@@ -92,29 +113,17 @@ class LoadedModel:
             tokens = list(request.context) + tokens
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=request.truncate)
         sequence = self._submit(tokens, sampling, grammar_for_format(request.format))
-        for update in self._run(sequence):
-            if update.done:
-                yield GenerateResponse(
-                    model=self.name,
-                    response=update.text,
-                    done=True,
-                    done_reason=_done_reason(sequence),
-                    context=tokens + sequence.output_tokens,
-                    **self._metrics(started, sequence),
-                )
-            elif update.text:
-                yield GenerateResponse(model=self.name, response=update.text)
+        return Job(self, "generate", sequence, started)
 
-    def chat(self, request: ChatRequest) -> Iterator[ChatResponse]:
-        """Stream the next assistant message; the last chunk has done=True and the timings."""
+    def start_chat(self, request: ChatRequest) -> Job | ChatResponse:
+        """Submit a chat request to the engine; a request with no messages gets its answer now."""
         started = time.perf_counter_ns()
         sampling = self.sampling_for(request.options)
         messages = to_messages(request.messages)
         if any(message.images for message in messages):
             raise InvalidRequestError(f"model '{self.name}' does not support images; send text only")
         if not messages:
-            yield ChatResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
-            return
+            return ChatResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
         conversation = self.prompts.chat_messages(messages, None)
         tokens = self.prompts.chat_tokens(
             conversation,
@@ -125,17 +134,7 @@ class LoadedModel:
             tools=request.tools,
         )
         sequence = self._submit(tokens, sampling, grammar_for_format(request.format))
-        for update in self._run(sequence):
-            if update.done:
-                yield ChatResponse(
-                    model=self.name,
-                    message=Message(role="assistant", content=update.text),
-                    done=True,
-                    done_reason=_done_reason(sequence),
-                    **self._metrics(started, sequence),
-                )
-            elif update.text:
-                yield ChatResponse(model=self.name, message=Message(role="assistant", content=update.text))
+        return Job(self, "chat", sequence, started)
 
     def complete_tokens(
         self, tokens: list[int], sampling: SamplingOptions, grammar: str | None = None, truncate: bool = False
@@ -184,6 +183,45 @@ class LoadedModel:
                 eval_duration=sequence.eval_duration_ns,
             )
         return metrics
+
+
+class Job:
+    """One request on the engine: turns the engine's updates for its sequence into response chunks."""
+
+    def __init__(self, model: LoadedModel, kind: str, sequence: Sequence, started_ns: int) -> None:
+        self.model = model
+        self.kind = kind
+        self.sequence = sequence
+        self.started_ns = started_ns
+
+    def chunk(self, update: SequenceUpdate) -> GenerateResponse | ChatResponse | None:
+        """The response chunk for an update: text as it comes, then the final chunk with the timings."""
+        if update.done and update.sequence.done_reason is DoneReason.ERROR:
+            raise EngineError(update.sequence.error or "generation failed")
+        if not update.done and not update.text:
+            return None
+        name = self.model.name
+        if self.kind == "chat":
+            message = Message(role="assistant", content=update.text)
+            if not update.done:
+                return ChatResponse(model=name, message=message)
+            return ChatResponse(
+                model=name,
+                message=message,
+                done=True,
+                done_reason=_done_reason(self.sequence),
+                **self.model._metrics(self.started_ns, self.sequence),
+            )
+        if not update.done:
+            return GenerateResponse(model=name, response=update.text)
+        return GenerateResponse(
+            model=name,
+            response=update.text,
+            done=True,
+            done_reason=_done_reason(self.sequence),
+            context=self.sequence.prompt_tokens + self.sequence.output_tokens,
+            **self.model._metrics(self.started_ns, self.sequence),
+        )
 
 
 def _done_reason(sequence: Sequence) -> str:

@@ -96,6 +96,7 @@ class _Request(BaseModel):
     stream: bool = Field(True, description="Stream the answer in chunks.")
     keep_alive: str | float | None = Field(None, description="How long the model stays loaded afterwards.")
     truncate: bool = Field(False, description="Drop the oldest part of an over-long prompt instead of failing.")
+    priority: str | int | None = Field(None, description="high, normal (default) or low: the order in the queue.")
 
 
 class GenerateRequest(_Request):

@@ -1,0 +1,145 @@
+"""The runner process: one loaded model, its engine loop, and the pipe to the server.
+
+A runner crash (a segfault in llama.cpp, an out-of-memory kill) takes down only this process: the server sees
+the pipe close, fails the requests that were in flight here, and starts a fresh runner for the next request.
+
+The loop reads every waiting message, makes one engine step, and sends what the step produced in one message,
+so the cost of the pipe is paid once per step, not once per token per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ember.engine.sequence import Sequence
+from ember.loaded_model import Job, LoadedModel
+from ember.options import LoadOptions
+from ember.runner.protocol import error_to_tuple
+from ember.store.resolve import ModelSource
+from ember.types import ChatRequest, GenerateRequest
+
+log = logging.getLogger(__name__)
+
+
+class _Runner:
+    def __init__(self, connection: Connection, model: LoadedModel) -> None:
+        self.connection = connection
+        self.model = model
+        self.jobs: dict[int, tuple[str, Job]] = {}  # sequence id -> (request id, job)
+        self.by_request: dict[str, Sequence] = {}
+        self.events: list[tuple[Any, ...]] = []
+        self.running = True
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind in ("generate", "chat"):
+            self.start(kind, message[1], message[2])
+        elif kind == "cancel":
+            sequence = self.by_request.get(message[1])
+            if sequence is not None:
+                self.model.engine.cancel(sequence)
+        elif kind == "shutdown":
+            self.running = False
+
+    def start(self, kind: str, request_id: str, payload: dict[str, Any]) -> None:
+        try:
+            if kind == "generate":
+                job = self.model.start_generate(GenerateRequest.model_validate(payload))
+            else:
+                job = self.model.start_chat(ChatRequest.model_validate(payload))
+        except Exception as error:  # a bad request fails alone; the runner goes on
+            self.events.append(("error", request_id, error_to_tuple(error)))
+            return
+        if not isinstance(job, Job):  # answered at once (a load-only request)
+            self.events.append(("done", request_id, job.model_dump()))
+            return
+        self.jobs[job.sequence.id] = (request_id, job)
+        self.by_request[request_id] = job.sequence
+
+    def step(self) -> None:
+        for update in self.model.engine.step():
+            entry = self.jobs.get(update.sequence.id)
+            if entry is None:
+                continue
+            request_id, job = entry
+            try:
+                chunk = job.chunk(update)
+            except Exception as error:
+                chunk = None
+                self.events.append(("error", request_id, error_to_tuple(error)))
+            if update.done:
+                del self.jobs[update.sequence.id]
+                self.by_request.pop(request_id, None)
+                if chunk is not None:
+                    self.events.append(("done", request_id, chunk.model_dump()))
+            elif chunk is not None:
+                self.events.append(("text", request_id, update.text))
+
+    def flush(self) -> None:
+        if self.events:
+            events, self.events = self.events, []
+            self.connection.send(("steps", events))
+
+    def loop(self) -> None:
+        engine = self.model.engine
+        while self.running:
+            # Block while idle; while there is work, only take what has already arrived.
+            wait: float | None = 0 if engine.has_work() or self.events else None
+            while self.connection.poll(wait):
+                self.handle(self.connection.recv())
+                wait = 0
+                if not self.running:
+                    break
+            if engine.has_work():
+                self.step()
+            self.flush()
+
+
+def runner_main(connection: Connection, source: ModelSource, options: LoadOptions, log_level: int) -> None:
+    """Load the model and serve requests from the pipe until shut down or the server goes away."""
+    logging.basicConfig(level=log_level, format=f"ember runner {os.getpid()}: %(levelname)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it shuts runners down
+    try:
+        model = LoadedModel(source, options)
+    except BaseException as error:
+        connection.send(("load_failed", error_to_tuple(error)))
+        connection.close()
+        return
+    facts = {
+        "pid": os.getpid(),
+        "load_duration": model.load_duration_ns,
+        "gpu_layers": model.model.gpu_layers,
+        "num_parallel": options.num_parallel,
+    }
+    connection.send(("ready", facts))
+    runner = _Runner(connection, model)
+    try:
+        runner.loop()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the server went away
+    finally:
+        model.close()
+        connection.close()
+
+
+def main() -> None:
+    """`python -m ember.runner.process FD`: the server passes one end of a socket pair as FD.
+
+    A fresh interpreter (not multiprocessing's spawn) so that nothing of the server's own main module is
+    imported again here: a user's script that starts a server needs no `if __name__ == "__main__"` guard.
+    """
+    connection = Connection(int(sys.argv[1]))
+    try:
+        _, source, options, log_level = connection.recv()
+    except (EOFError, OSError):
+        return
+    runner_main(connection, source, options, log_level)
+
+
+if __name__ == "__main__":
+    main()

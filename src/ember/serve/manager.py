@@ -1,0 +1,372 @@
+"""The model manager: which models are loaded, in which runner, and who may use them when.
+
+A request names a model; the manager loads it on first use (in its own runner process), queues the request
+by priority until one of the model's slots is free, streams the answer, and keeps the model loaded for
+keep_alive afterwards. A model whose load options differ from the loaded one is loaded again once the old
+one is idle; sampling options never cause a reload. A new model that does not fit the memory budget, or
+would pass the maximum number of loaded models, first evicts the least recently used idle model. A load
+that fails for lack of memory is retried down a ladder (fewer GPU layers, CPU only, smaller num_ctx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ember.errors import InvalidRequestError, ModelLoadError
+from ember.options import LOAD_OPTION_NAMES, LoadOptions, load_options
+from ember.serve.memory import (
+    GpuDevice,
+    ModelEstimate,
+    estimate_model,
+    fallback_ladder,
+    gpu_devices,
+    memory_budget,
+    plan_gpu_layers,
+)
+from ember.serve.queue import Priority, RequestQueue, parse_priority
+from ember.store.gguf_file import read_gguf
+from ember.store.resolve import ModelSource, resolve_model
+from ember.types import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse
+
+log = logging.getLogger(__name__)
+FOREVER = None  # keep_alive that never expires
+_DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MEMORY_ERRORS = ("out of memory", "failed to allocate", "cannot allocate", "unable to allocate", "oom")
+
+
+def parse_keep_alive(value: str | float | int | None, default: float | None) -> float | None:
+    """Seconds to keep a model loaded: a number of seconds or a Go duration ("5m", "1h30m"); negative is
+    forever (None), 0 unloads at once. None means the default."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise InvalidRequestError("keep_alive must be a duration such as \"5m\" or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(number + unit for number, unit in parts) != text.replace("+", ""):
+                raise InvalidRequestError(
+                    f"invalid keep_alive {value!r}: use a duration such as \"5m\", \"1h\", \"30s\", 0 or -1"
+                ) from None
+            seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    return FOREVER if seconds < 0 else seconds
+
+
+class Runner(Protocol):
+    """What the manager needs of a runner; RunnerProcess in production, fakes in unit tests."""
+
+    facts: dict[str, Any]
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def start(self) -> dict[str, Any]: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateResponse]: ...
+
+    def chat(self, request: ChatRequest) -> AsyncIterator[ChatResponse]: ...
+
+    async def stop(self, timeout: float = 5.0) -> None: ...
+
+
+RunnerFactory = Callable[[ModelSource, LoadOptions], Runner]
+
+
+def _default_runner(source: ModelSource, options: LoadOptions) -> Runner:
+    from ember.runner.client import RunnerProcess
+
+    return RunnerProcess(source, options)
+
+
+@dataclass
+class LoadedModelEntry:
+    name: str
+    source: ModelSource
+    requested: LoadOptions  # what requests asked for (num_gpu may be -1: automatic)
+    options: LoadOptions  # what was loaded after the GPU plan and any fallback
+    runner: Runner
+    queue: RequestQueue
+    estimate: ModelEstimate
+    load_note: str
+    keep_alive: float | None
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    expires_at: float | None = None  # wall clock, for `ps`
+    active: int = 0  # requests holding or waiting for a slot
+    timer: asyncio.TimerHandle | None = None
+    draining: bool = False  # to be unloaded as soon as it is idle (replaced, or stopped)
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0
+
+
+@dataclass(frozen=True)
+class RunningModel:
+    """One row of `ember ps`."""
+
+    name: str
+    digest: str | None
+    size: int
+    size_vram: int
+    gpu_layers: int
+    num_ctx: int
+    slots: int
+    slots_in_use: int
+    queued: int
+    expires_at: float | None
+    load_note: str
+
+
+class ModelManager:
+    """Loads models on demand and serves requests on them. Use from one event loop."""
+
+    def __init__(
+        self,
+        *,
+        runner_factory: RunnerFactory = _default_runner,
+        default_options: dict[str, Any] | None = None,
+        keep_alive: float | None = 300.0,
+        max_loaded: int = 3,
+        max_queued: int = 512,
+        aging_seconds: float = 10.0,
+        budget: Callable[[], int] = memory_budget,
+        devices: Callable[[], Sequence[GpuDevice]] = gpu_devices,
+        resolve: Callable[[str], ModelSource] = resolve_model,
+    ) -> None:
+        self.runner_factory = runner_factory
+        self.default_options = dict(default_options or {})
+        self.keep_alive = keep_alive
+        self.max_loaded = max_loaded
+        self.max_queued = max_queued
+        self.aging_seconds = aging_seconds
+        self.budget = budget
+        self.devices = devices
+        self.resolve = resolve
+        self.entries: dict[str, LoadedModelEntry] = {}
+        self._lock = asyncio.Lock()
+        self._idle = asyncio.Condition()
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest, *, priority: str | int | None = None,
+                       timeout: float | None = None) -> AsyncIterator[GenerateResponse]:
+        """Stream the answer; a request with an empty prompt only loads (or, with keep_alive 0, unloads)."""
+        if not request.prompt and not request.context:
+            yield await self._load_only(request, GenerateResponse)
+            return
+        async for chunk in self._serve(request, lambda runner: runner.generate(request), priority, timeout):
+            yield chunk
+
+    async def chat(self, request: ChatRequest, *, priority: str | int | None = None,
+                   timeout: float | None = None) -> AsyncIterator[ChatResponse]:
+        if not request.messages:
+            yield await self._load_only(request, ChatResponse)
+            return
+        async for chunk in self._serve(request, lambda runner: runner.chat(request), priority, timeout):
+            yield chunk
+
+    async def _load_only(self, request: GenerateRequest | ChatRequest, kind: type) -> Any:
+        keep_alive = parse_keep_alive(request.keep_alive, self.keep_alive)
+        name, source, wanted = self._resolve(request)
+        if keep_alive == 0:
+            await self.stop(name)
+            return kind(model=request.model, done=True, done_reason="unload")
+        started = time.perf_counter_ns()
+        entry = await self._entry(name, source, wanted, keep_alive)
+        entry.keep_alive = keep_alive
+        self._schedule_expiry(entry)
+        load = int(entry.runner.facts.get("load_duration", 0)) if time.time() - entry.loaded_at < 60 else 0
+        return kind(model=request.model, done=True, done_reason="load",
+                    total_duration=time.perf_counter_ns() - started, load_duration=load)
+
+    def _resolve(self, request: GenerateRequest | ChatRequest) -> tuple[str, ModelSource, LoadOptions]:
+        if not request.model:
+            raise InvalidRequestError("name a model in the request's `model` field")
+        source = self.resolve(request.model)
+        layers = [self.default_options, dict(source.parameters), request.options or {}]
+        wanted = load_options(*({k: v for k, v in layer.items() if k in LOAD_OPTION_NAMES} for layer in layers))
+        return source.name, source, wanted
+
+    async def _serve(self, request: GenerateRequest | ChatRequest, start: Callable[[Runner], AsyncIterator[Any]],
+                     priority: str | int | None, timeout: float | None) -> AsyncIterator[Any]:
+        keep_alive = parse_keep_alive(request.keep_alive, self.keep_alive)
+        level = parse_priority(priority if priority is not None else request.priority)
+        name, source, wanted = self._resolve(request)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        entry = await self._entry(name, source, wanted, keep_alive)
+        entry.active += 1
+        self._cancel_expiry(entry)
+        try:
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            ticket = await entry.queue.acquire(level, timeout=remaining)
+            try:
+                async for chunk in start(entry.runner):
+                    yield chunk
+            finally:
+                ticket.release()
+        finally:
+            entry.active -= 1
+            entry.last_used = time.monotonic()
+            entry.keep_alive = keep_alive
+            if entry.idle:
+                await self._became_idle(entry)
+
+    # --- loading -------------------------------------------------------------------------------------
+
+    async def _entry(self, name: str, source: ModelSource, wanted: LoadOptions,
+                     keep_alive: float | None) -> LoadedModelEntry:
+        async with self._lock:
+            while True:
+                entry = self.entries.get(name)
+                if entry is None:
+                    break
+                if not entry.runner.alive:  # it crashed: its requests failed; start afresh
+                    await self._unload(entry)
+                    break
+                if entry.requested == wanted and entry.source.path == source.path and not entry.draining:
+                    return entry
+                entry.draining = True  # other load options: replace it once its requests are done
+                await self._wait_idle(entry)
+                await self._unload(entry)
+            return await self._load(name, source, wanted, keep_alive)
+
+    async def _wait_idle(self, entry: LoadedModelEntry) -> None:
+        async with self._idle:
+            await self._idle.wait_for(lambda: entry.idle)
+
+    async def _load(self, name: str, source: ModelSource, wanted: LoadOptions,
+                    keep_alive: float | None) -> LoadedModelEntry:
+        estimate = estimate_model(read_gguf(source.path), wanted)
+        await self._make_room(estimate)
+        devices = list(self.devices())
+        plan = plan_gpu_layers(estimate, devices, n_layer=estimate.n_layer, requested=wanted.num_gpu)
+        first = wanted if wanted.num_gpu >= 0 or not devices else wanted.model_copy(update={"num_gpu": plan.layers})
+        attempts = fallback_ladder(first, plan) if wanted.num_gpu < 0 else [(first, "as requested")]
+        failures: list[str] = []
+        for options, description in attempts:
+            runner = self.runner_factory(source, options)
+            try:
+                await runner.start()
+            except ModelLoadError as error:
+                await runner.stop()
+                if not any(marker in str(error).lower() for marker in _MEMORY_ERRORS):
+                    raise
+                log.warning("loading %s (%s) ran out of memory: %s", name, description, error)
+                failures.append(f"{description}: {error}")
+                continue
+            except BaseException:
+                await runner.stop()
+                raise
+            note = plan.reason if not failures else f"{description} (after running out of memory: {failures[-1]})"
+            entry = LoadedModelEntry(
+                name=name, source=source, requested=wanted, options=options, runner=runner,
+                queue=RequestQueue(slots=options.num_parallel, max_queued=self.max_queued,
+                                   aging_seconds=self.aging_seconds),
+                estimate=estimate, load_note=note, keep_alive=keep_alive,
+            )
+            self.entries[name] = entry
+            log.info("loaded %s: %s", name, note)
+            return entry
+        raise ModelLoadError(f"not enough memory to load {name}; tried " + "; ".join(failures))
+
+    async def _make_room(self, estimate: ModelEstimate) -> None:
+        """Evict least recently used idle models until the new one fits the budget and the model count."""
+        while self.entries:
+            used = sum(entry.estimate.total() for entry in self.entries.values())
+            if len(self.entries) < self.max_loaded and used + estimate.total() <= self.budget():
+                return
+            idle = [entry for entry in self.entries.values() if entry.idle]
+            if not idle:  # everything is busy: wait for something to finish, then look again
+                async with self._idle:
+                    await self._idle.wait_for(lambda: any(e.idle for e in self.entries.values()))
+                continue
+            victim = min(idle, key=lambda entry: entry.last_used)
+            log.info("unloading %s to make room", victim.name)
+            await self._unload(victim)
+
+    async def _unload(self, entry: LoadedModelEntry) -> None:
+        self._cancel_expiry(entry)
+        if self.entries.get(entry.name) is entry:
+            del self.entries[entry.name]
+        await entry.runner.stop()
+
+    # --- keep_alive ----------------------------------------------------------------------------------
+
+    async def _became_idle(self, entry: LoadedModelEntry) -> None:
+        async with self._idle:
+            self._idle.notify_all()
+        if entry.draining or entry.keep_alive == 0:
+            if not entry.draining:
+                async with self._lock:
+                    if entry.idle and self.entries.get(entry.name) is entry:
+                        await self._unload(entry)
+            return
+        self._schedule_expiry(entry)
+
+    def _schedule_expiry(self, entry: LoadedModelEntry) -> None:
+        self._cancel_expiry(entry)
+        if entry.keep_alive is FOREVER:
+            entry.expires_at = None
+            return
+        entry.expires_at = time.time() + entry.keep_alive
+        entry.timer = asyncio.get_running_loop().call_later(
+            entry.keep_alive, lambda: asyncio.ensure_future(self._expire(entry))
+        )
+
+    def _cancel_expiry(self, entry: LoadedModelEntry) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+
+    async def _expire(self, entry: LoadedModelEntry) -> None:
+        async with self._lock:
+            if entry.idle and self.entries.get(entry.name) is entry:
+                log.info("keep_alive expired: unloading %s", entry.name)
+                await self._unload(entry)
+
+    # --- management ----------------------------------------------------------------------------------
+
+    def ps(self) -> list[RunningModel]:
+        rows = []
+        for entry in sorted(self.entries.values(), key=lambda e: e.last_used, reverse=True):
+            layers = entry.options.num_gpu if entry.options.num_gpu >= 0 else 0
+            rows.append(RunningModel(
+                name=entry.name, digest=entry.source.digest, size=entry.estimate.total(),
+                size_vram=entry.estimate.on_gpu(layers) if layers > 0 else 0,
+                gpu_layers=int(entry.runner.facts.get("gpu_layers", layers)), num_ctx=entry.options.num_ctx,
+                slots=entry.queue.slots, slots_in_use=entry.queue.in_use, queued=entry.queue.queued,
+                expires_at=entry.expires_at, load_note=entry.load_note,
+            ))
+        return rows
+
+    async def stop(self, name: str) -> bool:
+        """Unload a model now (its requests in flight are cancelled). False if it was not loaded."""
+        entry = self.entries.get(name) or self.entries.get(self.resolve(name).name)
+        if entry is None:
+            return False
+        async with self._lock:
+            entry.queue.fail_all(ModelLoadError(f"{entry.name} was unloaded while this request waited"))
+            await self._unload(entry)
+        return True
+
+    async def close(self) -> None:
+        for entry in list(self.entries.values()):
+            with contextlib.suppress(Exception):
+                await self._unload(entry)
+
+
+__all__ = ["FOREVER", "ModelManager", "Priority", "RunningModel", "parse_keep_alive"]

@@ -88,6 +88,7 @@ def test_parse_keep_alive() -> None:
     assert parse_keep_alive("5m", 300.0) == 300.0 and parse_keep_alive("1h30m", 1.0) == 5400.0
     assert parse_keep_alive(0, 300.0) == 0 and parse_keep_alive("0", 300.0) == 0
     assert parse_keep_alive(-1, 300.0) is None and parse_keep_alive("-1m", 300.0) is None
+    assert parse_keep_alive(None, -1) is None and parse_keep_alive(None, -5.0) is None
     assert parse_keep_alive(12.5, None) == 12.5 and parse_keep_alive("250ms", None) == 0.25
     for bad in ("five minutes", "5x", "m5", True):
         with pytest.raises(Exception, match="keep_alive"):

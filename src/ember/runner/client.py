@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
@@ -76,19 +75,20 @@ class RunnerProcess:
         child_socket.close()
         self._connection = Connection(parent_socket.detach())
         self._send(("start", self.source, self.options, logging.getLogger("ember").getEffectiveLevel()))
-        threading.Thread(target=self._read, name=f"ember-runner-reader-{self._process.pid}", daemon=True).start()
+        # The event loop itself watches the pipe: no reader thread, so one wake-up per engine step, which
+        # matters on a small machine where every extra runnable thread can stall llama.cpp's worker threads.
+        self._loop.add_reader(self._connection.fileno(), self._readable)
         self.facts = await self._ready
         return self.facts
 
-    def _read(self) -> None:
-        assert self._loop is not None
-        while True:
-            try:
-                message = self._connection.recv()
-            except (EOFError, OSError):
-                break
-            self._loop.call_soon_threadsafe(self._dispatch, message)
-        self._loop.call_soon_threadsafe(self._closed)
+    def _readable(self) -> None:
+        try:
+            while self._connection.poll():
+                self._dispatch(self._connection.recv())
+        except (EOFError, OSError):
+            assert self._loop is not None
+            self._loop.remove_reader(self._connection.fileno())
+            self._closed()
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -130,15 +130,16 @@ class RunnerProcess:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateResponse]:
         async for kind, payload in self._stream("generate", request.model_dump(mode="json")):
-            if kind == "text":
-                yield GenerateResponse(model=request.model, response=payload)
+            if kind == "text":  # built without validation: this runs for every token
+                yield GenerateResponse.model_construct(model=request.model, response=payload)
             else:
                 yield GenerateResponse.model_validate(payload)
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[ChatResponse]:
         async for kind, payload in self._stream("chat", request.model_dump(mode="json")):
             if kind == "text":
-                yield ChatResponse(model=request.model, message=Message(role="assistant", content=payload))
+                message = Message.model_construct(role="assistant", content=payload)
+                yield ChatResponse.model_construct(model=request.model, message=message)
             else:
                 yield ChatResponse.model_validate(payload)
 
@@ -195,5 +196,7 @@ class RunnerProcess:
             await asyncio.to_thread(self._process.wait, timeout)
         for request_id, queue in self._streams.items():
             queue.put_nowait(("error", request_id, ("EngineError", "the model was unloaded during this request", 503)))
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
+            if self._loop is not None:
+                self._loop.remove_reader(self._connection.fileno())
             self._connection.close()

@@ -67,6 +67,10 @@ class _Runner:
             if entry is None:
                 continue
             request_id, job = entry
+            if not update.done:
+                if update.text:  # the common case, per token: no response object is built here
+                    self.events.append(("text", request_id, update.text))
+                continue
             try:
                 chunk = job.chunk(update)
             except Exception as error:
@@ -77,8 +81,6 @@ class _Runner:
                 self.by_request.pop(request_id, None)
                 if chunk is not None:
                     self.events.append(("done", request_id, chunk.model_dump()))
-            elif chunk is not None:
-                self.events.append(("text", request_id, update.text))
 
     def flush(self) -> None:
         if self.events:

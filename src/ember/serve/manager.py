@@ -46,7 +46,7 @@ def parse_keep_alive(value: str | float | int | None, default: float | None) -> 
     """Seconds to keep a model loaded: a number of seconds or a Go duration ("5m", "1h30m"); negative is
     forever (None), 0 unloads at once. None means the default."""
     if value is None or value == "":
-        return default
+        return FOREVER if default is not None and default < 0 else default
     if isinstance(value, bool):
         raise InvalidRequestError("keep_alive must be a duration such as \"5m\" or a number of seconds")
     if isinstance(value, int | float):

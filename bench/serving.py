@@ -56,8 +56,9 @@ class RawBatchedLoop:
         count = lib.llama_tokenize(self.vocab, text.encode(), len(text.encode()), buffer, 512, True, False)
         return list(buffer[:count])
 
-    def run(self, prompts: list[list[int]], n_tokens: int) -> float:
-        """Seconds to prefill all prompts and generate n_tokens for each."""
+    def run(self, prompts: list[list[int]], n_tokens: int | list[int]) -> float:
+        """Seconds to prefill all prompts and generate n_tokens for each (or each its own count)."""
+        limits = n_tokens if isinstance(n_tokens, list) else [n_tokens] * len(prompts)
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         samplers = []
         for _ in prompts:
@@ -68,10 +69,10 @@ class RawBatchedLoop:
         positions = [0] * len(prompts)
         pending = [list(prompt) for prompt in prompts]
         produced = [0] * len(prompts)
-        while any(count < n_tokens for count in produced):
+        while any(count < limit for count, limit in zip(produced, limits, strict=True)):
             size, rows = 0, []
             for seq, tokens in enumerate(pending):
-                if produced[seq] >= n_tokens:
+                if produced[seq] >= limits[seq]:
                     continue
                 for offset, token in enumerate(tokens):
                     if size == 512:
@@ -138,11 +139,16 @@ async def measure(streams: list[int], tokens: int, num_ctx: int, runs: int) -> d
         try:
             await one_stream(manager, "warm up", {**options, "num_predict": 2})
             for _ in range(runs):
+                # A pause before each side: llama.cpp's worker threads keep polling for a moment after a graph,
+                # and the other side must not start while they do.
+                await asyncio.sleep(0.3)
                 started = time.perf_counter()
                 streams_run = await asyncio.gather(*(one_stream(manager, prompt_for(i), options) for i in range(count)))
                 wall = max(run["done"] for run in streams_run) - started
-                n_tokens = min(run["tokens"] for run in streams_run)
-                raw_rate = count * n_tokens / raw.run(prompts, int(n_tokens))
+                # The raw loop generates exactly as many tokens for each sequence as ember did for it.
+                counts = [int(run["tokens"]) for run in streams_run]
+                await asyncio.sleep(0.3)
+                raw_rate = sum(counts) / raw.run(prompts, counts)
                 ember_rate = sum(run["tokens"] for run in streams_run) / wall
                 ttfts = sorted(run["ttft"] for run in streams_run)
                 samples.append(
@@ -171,7 +177,7 @@ async def late_arrival(manager: ModelManager, options: dict[str, Any]) -> dict[s
     for _ in range(3):
         arrivals: list[float] = []
 
-        async def background(index: int) -> None:
+        async def background(index: int, arrivals: list[float] = arrivals) -> None:
             request = GenerateRequest(
                 model="smollm2", prompt=prompt_for(index), raw=True, options={**options, "num_predict": 200}
             )

@@ -22,6 +22,39 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1:11434", description="Address of the ember server (host:port).")
     default_model: str = Field("smollm2", description="Model used when a command names none.")
     log_level: str = Field("WARNING", description="Log level for ember's own messages on stderr.")
+    keep_alive: str = Field("5m", description="How long a model stays loaded after its last request (-1: always).")
+    num_parallel: int = Field(4, ge=1, le=256, description="Sequences each loaded model decodes at once (slots).")
+    max_loaded_models: int = Field(3, ge=1, description="Most models loaded at once; the least recently used goes.")
+    max_queue: int = Field(512, ge=0, description="Requests that may wait per model before the server says busy.")
+    request_timeout: float | None = Field(None, gt=0, description="Seconds a request may wait in the queue.")
+    api_keys: str = Field("", description="Comma-separated API keys; when set, every route but /health needs one.")
+    allowed_origins: str = Field(
+        "http://localhost,http://127.0.0.1,https://localhost,https://127.0.0.1",
+        description="Comma-separated CORS origins (any port) allowed to call the API from a browser.",
+    )
+    allowed_hosts: str = Field(
+        "", description="Extra Host header values accepted besides localhost names (DNS-rebinding protection)."
+    )
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_num_predict: int = Field(32768, ge=1, description="Cap on num_predict / max_tokens per request.")
+    max_num_ctx: int = Field(131072, ge=256, description="Cap on num_ctx per request.")
+    max_n: int = Field(8, ge=1, description="Cap on n (completions per request) in the OpenAI API.")
+
+    @property
+    def host_and_port(self) -> tuple[str, int]:
+        """EMBER_HOST split as Ollama reads OLLAMA_HOST: `host`, `host:port`, `:port`, or a URL."""
+        text = self.host.strip()
+        for scheme in ("http://", "https://"):
+            text = text.removeprefix(scheme)
+        text = text.rstrip("/")
+        host, _, port = text.rpartition(":") if ":" in text.rsplit("]", 1)[-1] else (text, "", "")
+        return (host.strip("[]") or "127.0.0.1"), int(port or 11434)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.host_and_port
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @cache

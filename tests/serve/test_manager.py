@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -21,8 +21,8 @@ from tests.gguf_files import write_tiny_gguf
 class FakeRunner:
     """Answers with a fixed number of chunks, one per `tick` seconds; can be told to fail its load."""
 
-    started: list[tuple[str, LoadOptions]] = []
-    stopped: list[str] = []
+    started: ClassVar[list[tuple[str, LoadOptions]]] = []
+    stopped: ClassVar[list[str]] = []
     fail_when: Any = None  # callable(options) -> error message or None
 
     def __init__(self, source: ModelSource, options: LoadOptions, tick: float = 0.01) -> None:
@@ -71,8 +71,13 @@ def models(tmp_path: Path) -> dict[str, ModelSource]:
 
 
 def _manager(models: dict[str, ModelSource], **kwargs: Any) -> ModelManager:
-    settings: dict[str, Any] = {"runner_factory": FakeRunner, "resolve": lambda name: models[name.split(":")[0]],
-                                "devices": lambda: [], "budget": lambda: 1 << 40, **kwargs}
+    settings: dict[str, Any] = {
+        "runner_factory": FakeRunner,
+        "resolve": lambda name: models[name.split(":")[0]],
+        "devices": lambda: [],
+        "budget": lambda: 1 << 40,
+        **kwargs,
+    }
     return ModelManager(**settings)
 
 
@@ -171,8 +176,9 @@ def test_priority_order_and_aging_through_the_manager(models: dict[str, ModelSou
         await _ask(manager, "a")  # loaded
         first = asyncio.create_task(ask("running", "normal"))
         await asyncio.sleep(0.005)
-        waiting = [asyncio.create_task(ask(p, level)) for p, level in
-                   (("low", "low"), ("normal", "normal"), ("high", "high"))]
+        waiting = [
+            asyncio.create_task(ask(p, level)) for p, level in (("low", "low"), ("normal", "normal"), ("high", "high"))
+        ]
         await asyncio.gather(first, *waiting)
         assert finished == ["running", "high", "normal", "low"]
         await manager.close()

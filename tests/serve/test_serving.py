@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -27,8 +28,14 @@ PROMPTS = [
 
 
 def _options(index: int) -> dict[str, Any]:
-    return {"temperature": 0, "num_predict": 16 + 2 * index, "repeat_penalty": 1.0 + 0.05 * (index % 3),
-            "presence_penalty": 0.2 * (index % 2), "num_ctx": 1024, "num_parallel": 8}
+    return {
+        "temperature": 0,
+        "num_predict": 16 + 2 * index,
+        "repeat_penalty": 1.0 + 0.05 * (index % 3),
+        "presence_penalty": 0.2 * (index % 2),
+        "num_ctx": 1024,
+        "num_parallel": 8,
+    }
 
 
 async def _text(manager: ModelManager, prompt: str, options: dict[str, Any]) -> str:
@@ -70,8 +77,9 @@ def test_running_streams_keep_receiving_tokens_while_a_long_prompt_prefills() ->
             while min(len(times) for times in arrivals.values()) < 5:
                 await asyncio.sleep(0.01)
             submitted = time.perf_counter()
-            long_request = GenerateRequest(model="smollm2", prompt=long_prompt, raw=True,
-                                           options={**options, "num_predict": 1})
+            long_request = GenerateRequest(
+                model="smollm2", prompt=long_prompt, raw=True, options={**options, "num_predict": 1}
+            )
             first_token = 0.0
             async for _ in manager.generate(long_request):
                 first_token = first_token or time.perf_counter()
@@ -88,7 +96,7 @@ def test_running_streams_keep_receiving_tokens_while_a_long_prompt_prefills() ->
     for times in arrivals.values():
         during = [t for t in times if submitted <= t <= first_token]
         assert len(during) >= 5, f"only {len(during)} tokens arrived during a {prefill_seconds:.2f}s prefill"
-        gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False) if submitted <= later <= first_token]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times) if submitted <= later <= first_token]
         assert max(gaps) < prefill_seconds / 3
 
 
@@ -101,8 +109,11 @@ def test_a_second_chat_turn_reuses_the_kv_and_gives_the_same_text() -> None:
         try:
             first = [c async for c in manager.chat(ChatRequest(model="smollm2", messages=first_turn, options=options))]
             answer = "".join(chunk.message.content for chunk in first)
-            second_turn = [*first_turn, {"role": "assistant", "content": answer},
-                           {"role": "user", "content": "Where does it live?"}]
+            second_turn = [
+                *first_turn,
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "Where does it live?"},
+            ]
             request = ChatRequest(model="smollm2", messages=second_turn, options=options)
             reused = [c async for c in manager.chat(request)]
             await manager.stop("smollm2")
@@ -153,8 +164,9 @@ def test_a_bad_request_fails_alone(kind: str) -> None:
                 if kind == "generate":
                     await _text(manager, too_long, {"num_ctx": 512})
                 else:
-                    request = ChatRequest(model="smollm2", messages=[{"role": "user", "content": too_long}],
-                                          options={"num_ctx": 512})
+                    request = ChatRequest(
+                        model="smollm2", messages=[{"role": "user", "content": too_long}], options={"num_ctx": 512}
+                    )
                     [c async for c in manager.chat(request)]
             return await _text(manager, "Hello", {"num_ctx": 512, "num_predict": 4})
         finally:

@@ -14,6 +14,7 @@ import typer
 from ember import __version__
 from ember.cli import models as model_commands
 from ember.cli import run as run_command
+from ember.cli import serving as serving_commands
 from ember.config import settings
 from ember.errors import EmberError
 
@@ -44,6 +45,7 @@ def _root(
 
 run_command.register(app)
 model_commands.register(app)
+serving_commands.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,9 +181,12 @@ class LlamaModel:
     created from the model applies all of them with scale 1. Close order: contexts, then adapters, then model.
     """
 
-    def __init__(self, path: Path, options: LoadOptions, adapters: Sequence[Path] = ()) -> None:
+    def __init__(
+        self, path: Path, options: LoadOptions, adapters: Sequence[Path] = (), *, vocab_only: bool = False
+    ) -> None:
         check_backend()
         params = lib.llama_model_default_params()
+        params.vocab_only = vocab_only
         params.n_gpu_layers = _gpu_layers(options.num_gpu)
         params.main_gpu = options.main_gpu
         params.use_mmap = True if options.use_mmap is None else options.use_mmap
@@ -218,6 +221,11 @@ class LlamaModel:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def vocab_only(cls, path: Path, options: LoadOptions) -> LlamaModel:
+        """The vocabulary alone (no weights): for tokenizing without loading a model."""
+        return cls(path, options, vocab_only=True)
 
     def _load_adapter(self, path: Path) -> lib.llama_adapter_lora_p:
         info = read_gguf(path)  # refuse a damaged file before llama.cpp reads it

@@ -48,7 +48,7 @@ def parse_keep_alive(value: str | float | int | None, default: float | None) -> 
     if value is None or value == "":
         return FOREVER if default is not None and default < 0 else default
     if isinstance(value, bool):
-        raise InvalidRequestError("keep_alive must be a duration such as \"5m\" or a number of seconds")
+        raise InvalidRequestError('keep_alive must be a duration such as "5m" or a number of seconds')
     if isinstance(value, int | float):
         seconds = float(value)
     else:
@@ -59,7 +59,7 @@ def parse_keep_alive(value: str | float | int | None, default: float | None) -> 
             parts = _DURATION_PART.findall(text)
             if not parts or "".join(number + unit for number, unit in parts) != text.replace("+", ""):
                 raise InvalidRequestError(
-                    f"invalid keep_alive {value!r}: use a duration such as \"5m\", \"1h\", \"30s\", 0 or -1"
+                    f'invalid keep_alive {value!r}: use a duration such as "5m", "1h", "30s", 0 or -1'
                 ) from None
             seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
     return FOREVER if seconds < 0 else seconds
@@ -162,8 +162,9 @@ class ModelManager:
 
     # --- requests ------------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest, *, priority: str | int | None = None,
-                       timeout: float | None = None) -> AsyncIterator[GenerateResponse]:
+    async def generate(
+        self, request: GenerateRequest, *, priority: str | int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[GenerateResponse]:
         """Stream the answer; a request with an empty prompt only loads (or, with keep_alive 0, unloads)."""
         if not request.prompt and not request.context:
             yield await self._load_only(request, GenerateResponse)
@@ -171,8 +172,9 @@ class ModelManager:
         async for chunk in self._serve(request, lambda runner: runner.generate(request), priority, timeout):
             yield chunk
 
-    async def chat(self, request: ChatRequest, *, priority: str | int | None = None,
-                   timeout: float | None = None) -> AsyncIterator[ChatResponse]:
+    async def chat(
+        self, request: ChatRequest, *, priority: str | int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[ChatResponse]:
         if not request.messages:
             yield await self._load_only(request, ChatResponse)
             return
@@ -190,8 +192,13 @@ class ModelManager:
         entry.keep_alive = keep_alive
         self._schedule_expiry(entry)
         load = int(entry.runner.facts.get("load_duration", 0)) if time.time() - entry.loaded_at < 60 else 0
-        return kind(model=request.model, done=True, done_reason="load",
-                    total_duration=time.perf_counter_ns() - started, load_duration=load)
+        return kind(
+            model=request.model,
+            done=True,
+            done_reason="load",
+            total_duration=time.perf_counter_ns() - started,
+            load_duration=load,
+        )
 
     def _resolve(self, request: GenerateRequest | ChatRequest) -> tuple[str, ModelSource, LoadOptions]:
         if not request.model:
@@ -201,8 +208,13 @@ class ModelManager:
         wanted = load_options(*({k: v for k, v in layer.items() if k in LOAD_OPTION_NAMES} for layer in layers))
         return source.name, source, wanted
 
-    async def _serve(self, request: GenerateRequest | ChatRequest, start: Callable[[Runner], AsyncIterator[Any]],
-                     priority: str | int | None, timeout: float | None) -> AsyncIterator[Any]:
+    async def _serve(
+        self,
+        request: GenerateRequest | ChatRequest,
+        start: Callable[[Runner], AsyncIterator[Any]],
+        priority: str | int | None,
+        timeout: float | None,
+    ) -> AsyncIterator[Any]:
         keep_alive = parse_keep_alive(request.keep_alive, self.keep_alive)
         level = parse_priority(priority if priority is not None else request.priority)
         name, source, wanted = self._resolve(request)
@@ -227,8 +239,9 @@ class ModelManager:
 
     # --- loading -------------------------------------------------------------------------------------
 
-    async def _entry(self, name: str, source: ModelSource, wanted: LoadOptions,
-                     keep_alive: float | None) -> LoadedModelEntry:
+    async def _entry(
+        self, name: str, source: ModelSource, wanted: LoadOptions, keep_alive: float | None
+    ) -> LoadedModelEntry:
         async with self._lock:
             while True:
                 entry = self.entries.get(name)
@@ -248,8 +261,9 @@ class ModelManager:
         async with self._idle:
             await self._idle.wait_for(lambda: entry.idle)
 
-    async def _load(self, name: str, source: ModelSource, wanted: LoadOptions,
-                    keep_alive: float | None) -> LoadedModelEntry:
+    async def _load(
+        self, name: str, source: ModelSource, wanted: LoadOptions, keep_alive: float | None
+    ) -> LoadedModelEntry:
         estimate = estimate_model(read_gguf(source.path), wanted)
         await self._make_room(estimate)
         devices = list(self.devices())
@@ -273,10 +287,17 @@ class ModelManager:
                 raise
             note = plan.reason if not failures else f"{description} (after running out of memory: {failures[-1]})"
             entry = LoadedModelEntry(
-                name=name, source=source, requested=wanted, options=options, runner=runner,
-                queue=RequestQueue(slots=options.num_parallel, max_queued=self.max_queued,
-                                   aging_seconds=self.aging_seconds),
-                estimate=estimate, load_note=note, keep_alive=keep_alive,
+                name=name,
+                source=source,
+                requested=wanted,
+                options=options,
+                runner=runner,
+                queue=RequestQueue(
+                    slots=options.num_parallel, max_queued=self.max_queued, aging_seconds=self.aging_seconds
+                ),
+                estimate=estimate,
+                load_note=note,
+                keep_alive=keep_alive,
             )
             self.entries[name] = entry
             log.info("loaded %s: %s", name, note)
@@ -344,13 +365,21 @@ class ModelManager:
         rows = []
         for entry in sorted(self.entries.values(), key=lambda e: e.last_used, reverse=True):
             layers = entry.options.num_gpu if entry.options.num_gpu >= 0 else 0
-            rows.append(RunningModel(
-                name=entry.name, digest=entry.source.digest, size=entry.estimate.total(),
-                size_vram=entry.estimate.on_gpu(layers) if layers > 0 else 0,
-                gpu_layers=int(entry.runner.facts.get("gpu_layers", layers)), num_ctx=entry.options.num_ctx,
-                slots=entry.queue.slots, slots_in_use=entry.queue.in_use, queued=entry.queue.queued,
-                expires_at=entry.expires_at, load_note=entry.load_note,
-            ))
+            rows.append(
+                RunningModel(
+                    name=entry.name,
+                    digest=entry.source.digest,
+                    size=entry.estimate.total(),
+                    size_vram=entry.estimate.on_gpu(layers) if layers > 0 else 0,
+                    gpu_layers=int(entry.runner.facts.get("gpu_layers", layers)),
+                    num_ctx=entry.options.num_ctx,
+                    slots=entry.queue.slots,
+                    slots_in_use=entry.queue.in_use,
+                    queued=entry.queue.queued,
+                    expires_at=entry.expires_at,
+                    load_note=entry.load_note,
+                )
+            )
         return rows
 
     async def stop(self, name: str) -> bool:

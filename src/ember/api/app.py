@@ -1,0 +1,105 @@
+"""The HTTP server: one FastAPI app with the Ollama API, the OpenAI API and ember's own routes.
+
+Every route translates its request into ember's native request types and goes through one ModelManager, so
+the Ollama and OpenAI routes share one code path. Errors leave as `{"error": "..."}` (OpenAI routes: OpenAI's
+error object) with the status the EmberError carries; nothing else, and never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ember import __version__
+from ember.api.security import install_security
+from ember.config import Settings
+from ember.errors import EmberError, ServerBusyError
+from ember.serve.manager import ModelManager, parse_keep_alive
+
+log = logging.getLogger(__name__)
+
+
+def create_manager(settings: Settings) -> ModelManager:
+    return ModelManager(
+        default_options={"num_parallel": settings.num_parallel},
+        keep_alive=parse_keep_alive(settings.keep_alive, 300.0),
+        max_loaded=settings.max_loaded_models,
+        max_queued=settings.max_queue,
+    )
+
+
+def create_app(settings: Settings | None = None, manager: ModelManager | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.manager = manager or create_manager(settings)
+        try:
+            yield
+        finally:
+            await app.state.manager.close()
+
+    app = FastAPI(
+        title="ember",
+        version=__version__,
+        lifespan=lifespan,
+        description="A local LLM runtime: the Ollama API, the OpenAI API and native routes.",
+    )
+    app.state.settings = settings
+    install_security(app, settings)
+    _install_error_handlers(app)
+
+    from ember.api import native, ollama, openai
+
+    app.include_router(ollama.router)
+    app.include_router(openai.router)
+    app.include_router(native.router)
+    return app
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_response(
+    request: Request, status: int, message: str, headers: dict[str, str] | None = None, kind: str | None = None
+) -> JSONResponse:
+    if is_openai_path(request.url.path):
+        error_type = kind or ("invalid_request_error" if status < 500 else "server_error")
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": None}}
+        return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EmberError)
+    async def ember_error(request: Request, error: EmberError) -> JSONResponse:
+        headers = {"Retry-After": str(error.retry_after)} if isinstance(error, ServerBusyError) else None
+        kind = "not_found_error" if error.http_status == 404 else None
+        return error_response(request, error.http_status, str(error), headers, kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = []
+        for detail in error.errors():
+            where = ".".join(str(part) for part in detail.get("loc", ()) if part != "body") or "body"
+            problems.append(f"{where}: {detail.get('msg')}")
+        return error_response(request, 400, "invalid request: " + "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = str(error.detail) if error.detail else "error"
+        if error.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(request, error.status_code, message, getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, f"internal error: {type(error).__name__}; see the server's log")

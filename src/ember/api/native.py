@@ -1,0 +1,116 @@
+"""ember's own routes: liveness and readiness, tokenizing, and a WebSocket stream of tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+
+from ember.api.ollama import chunk_json, manager_of, read_json
+from ember.errors import EmberError, InvalidRequestError
+from ember.store.resolve import resolve_model
+from ember.types import ChatRequest, GenerateRequest, build_request
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The server is up (open even when API keys are set, for load balancers and supervisors)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> dict[str, Any]:
+    """A model can be served: the default model (or any loaded one) is there."""
+    settings = request.app.state.settings
+    loaded = [row.name for row in manager_of(request).ps()]
+    if not loaded:
+        await asyncio.to_thread(resolve_model, settings.default_model)
+    return {"status": "ready", "loaded": loaded, "default_model": settings.default_model}
+
+
+async def _tokenizer(name: str) -> Any:
+    from ember.engine.llamacpp import LlamaModel
+    from ember.options import load_options
+
+    source = await asyncio.to_thread(resolve_model, name)
+    return await asyncio.to_thread(LlamaModel.vocab_only, source.path, load_options({}))
+
+
+@router.post("/api/tokenize")
+async def tokenize(request: Request) -> dict[str, Any]:
+    body = await read_json(request)
+    name, text = body.get("model"), body.get("content", body.get("text"))
+    if not isinstance(name, str) or not isinstance(text, str):
+        raise InvalidRequestError('give {"model": NAME, "content": TEXT}')
+    model = await _tokenizer(name)
+    try:
+        tokens = model.tokenize(
+            text, add_special=bool(body.get("add_special", False)), parse_special=bool(body.get("parse_special", False))
+        )
+    finally:
+        model.close()
+    return {"model": name, "tokens": tokens}
+
+
+@router.post("/api/detokenize")
+async def detokenize(request: Request) -> dict[str, Any]:
+    body = await read_json(request)
+    name, tokens = body.get("model"), body.get("tokens")
+    if not isinstance(name, str) or not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise InvalidRequestError('give {"model": NAME, "tokens": [INT, ...]}')
+    model = await _tokenizer(name)
+    try:
+        for token in tokens:
+            model.validate_token(token)
+        text = model.detokenize(tokens)
+    finally:
+        model.close()
+    return {"model": name, "content": text}
+
+
+@router.websocket("/api/ws")
+async def stream_socket(socket: WebSocket) -> None:
+    """Each message `{"type": "generate"|"chat", ...request}` is answered by chunk messages (Ollama's shape),
+    the last with done=true; `{"type": "cancel"}` stops the current answer; errors arrive as {"error": ...}."""
+    await socket.accept()
+    manager = socket.app.state.manager
+    current: asyncio.Task[None] | None = None
+
+    async def answer(payload: dict[str, Any]) -> None:
+        kind = payload.pop("type", "generate")
+        try:
+            if kind == "chat":
+                chunks = manager.chat(build_request(ChatRequest, **payload))
+            elif kind == "generate":
+                chunks = manager.generate(build_request(GenerateRequest, **payload))
+            else:
+                raise InvalidRequestError(f"unknown message type {kind!r}: use generate, chat or cancel")
+            async for chunk in chunks:
+                await socket.send_json(chunk_json(chunk))
+        except EmberError as error:
+            await socket.send_json({"error": str(error)})
+
+    try:
+        while True:
+            message = await socket.receive_json()
+            if not isinstance(message, dict):
+                await socket.send_json({"error": "each message must be a JSON object"})
+                continue
+            if message.get("type") == "cancel":
+                if current is not None:
+                    current.cancel()
+                continue
+            if current is not None and not current.done():
+                await socket.send_json({"error": 'an answer is still streaming; send {"type": "cancel"} first'})
+                continue
+            current = asyncio.create_task(answer(message))
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    except ValueError:
+        await socket.close(code=1003, reason="messages must be JSON")
+    finally:
+        if current is not None:
+            current.cancel()

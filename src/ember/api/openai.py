@@ -1,0 +1,396 @@
+"""The OpenAI API: /v1/chat/completions, /v1/completions and /v1/models, translated to native requests.
+
+Only the fields a request gives become options, so a model's own defaults (and Ollama's) apply otherwise, as
+Ollama's OpenAI compatibility does. Streams are server-sent events ending in `data: [DONE]`. `n` > 1 runs n
+sequences side by side (seeds seed, seed+1 ... when a seed is given), each a choice with its own index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ember.api.ollama import PRIORITY_HEADER, first_then_rest, manager_of, read_json
+from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
+from ember.store.bundled import DEFAULT_MODEL
+from ember.store.resolve import resolve_model
+from ember.store.store import ModelStore
+from ember.types import ChatRequest, GenerateRequest, build_request
+
+router = APIRouter()
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def _options(body: dict[str, Any], settings: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be a positive integer")
+        if max_tokens > settings.max_num_predict:
+            raise InvalidRequestError(
+                f"max_tokens={max_tokens} is above this server's limit of {settings.max_num_predict}"
+            )
+        options["num_predict"] = max_tokens
+    for openai_name, name in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("seed", "seed"),
+        ("presence_penalty", "presence_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+    ):
+        if body.get(openai_name) is not None:
+            options[name] = body[openai_name]
+    stop = body.get("stop")
+    if stop is not None:
+        options["stop"] = [stop] if isinstance(stop, str) else stop
+    if body.get("logit_bias"):
+        raise InvalidRequestError("logit_bias is not supported yet by ember")
+    return options
+
+
+def _format(body: dict[str, Any]) -> Any:
+    response_format = body.get("response_format")
+    if not response_format:
+        return None
+    if not isinstance(response_format, dict):
+        raise InvalidRequestError('response_format must be an object such as {"type": "json_object"}')
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("response_format.json_schema.schema must be a JSON schema object")
+        return schema
+    raise InvalidRequestError(f"response_format.type must be text, json_object or json_schema, not {kind!r}")
+
+
+def _n(body: dict[str, Any], settings: Any) -> int:
+    n = body.get("n", 1) or 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= settings.max_n:
+        raise InvalidRequestError(f"n must be an integer from 1 to {settings.max_n}")
+    return n
+
+
+def _message_text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image_url", "input_text"):
+                raise InvalidRequestError('message content parts must be {"type": "text", "text": ...}')
+            if part["type"] == "image_url":
+                raise InvalidRequestError("this model does not support images; send text only")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    raise InvalidRequestError("message content must be a string or a list of text parts")
+
+
+def _usage(final: Any) -> dict[str, Any]:
+    prompt = final.prompt_eval_count + final.prompt_cached_count
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": final.eval_count,
+        "total_tokens": prompt + final.eval_count,
+        "prompt_tokens_details": {"cached_tokens": final.prompt_cached_count},
+    }
+
+
+def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    total = {
+        "prompt_tokens": usages[0]["prompt_tokens"],
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "prompt_tokens_details": usages[0]["prompt_tokens_details"],
+    }
+    total["completion_tokens"] = sum(usage["completion_tokens"] for usage in usages)
+    total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+    return total
+
+
+async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Chunks of several streams as they come, tagged with their index; an error in one ends all."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+        except BaseException as error:  # delivered to the reader, which re-raises it
+            await queue.put((index, error))
+            return
+        await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
+    if index and "seed" in options:
+        return {**options, "seed": options["seed"] + index}
+    return options
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+async def _stream(request: Request, make: Any, n: int, shape: Any) -> AsyncIterator[tuple[int, Any]]:
+    manager = manager_of(request)
+    priority = request.headers.get(PRIORITY_HEADER)
+    timeout = request.app.state.settings.request_timeout
+    streams = [make(manager, index, priority, timeout) for index in range(n)]
+    return await first_then_rest(_merged(streams))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    body = await read_json(request)
+    settings = request.app.state.settings
+    options, n, response_format = _options(body, settings), _n(body, settings), _format(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list")
+    native_messages = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise InvalidRequestError("each message must be an object with role and content")
+        role = "system" if message.get("role") == "developer" else message.get("role")
+        native_messages.append({"role": role, "content": _message_text(message.get("content"))})
+    model = body.get("model")
+    base = build_request(
+        ChatRequest, model=model or "", messages=native_messages, format=response_format, stream=True, options=options
+    )
+
+    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
+        return manager.chat(
+            base.model_copy(update={"options": _seeded(options, index)}), priority=priority, timeout=timeout
+        )
+
+    chunks = await _stream(request, make, n, None)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": completion_id, "created": created, "model": model, "system_fingerprint": "ember"}
+    if not body.get("stream"):
+        texts, finals = [""] * n, [None] * n
+        async for index, chunk in chunks:
+            texts[index] += chunk.message.content
+            if chunk.done:
+                finals[index] = chunk
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": None,
+                "finish_reason": _FINISH.get(finals[i].done_reason or "stop", "stop"),
+            }
+            for i in range(n)
+        ]
+        return JSONResponse(
+            {
+                **head,
+                "object": "chat.completion",
+                "choices": choices,
+                "usage": _sum_usage([_usage(final) for final in finals]),
+            }
+        )
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    async def events() -> AsyncIterator[bytes]:
+        chunk_head = {**head, "object": "chat.completion.chunk"}
+        for index in range(n):
+            yield _sse(
+                {
+                    **chunk_head,
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+        usages = []
+        try:
+            async for index, chunk in chunks:
+                if chunk.message.content:
+                    yield _sse(
+                        {
+                            **chunk_head,
+                            "choices": [
+                                {
+                                    "index": index,
+                                    "delta": {"content": chunk.message.content},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+                if chunk.done:
+                    usages.append(_usage(chunk))
+                    reason = _FINISH.get(chunk.done_reason or "stop", "stop")
+                    yield _sse(
+                        {
+                            **chunk_head,
+                            "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}],
+                        }
+                    )
+        except EmberError as error:
+            yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
+            return
+        if include_usage and usages:
+            yield _sse({**chunk_head, "choices": [], "usage": _sum_usage(usages)})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    body = await read_json(request)
+    settings = request.app.state.settings
+    options, n = _options(body, settings), _n(body, settings)
+    options.setdefault("num_predict", 16)  # OpenAI's default max_tokens for completions
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("prompt must be a string (lists of prompts are not supported)")
+    if body.get("suffix"):
+        raise InvalidRequestError("suffix (fill-in-the-middle) is not supported; put the text in the prompt")
+    echo = bool(body.get("echo"))
+    model = body.get("model")
+    base = build_request(
+        GenerateRequest, model=model or "", prompt=prompt, raw=True, stream=True, options=options, format=_format(body)
+    )
+
+    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
+        return manager.generate(
+            base.model_copy(update={"options": _seeded(options, index)}), priority=priority, timeout=timeout
+        )
+
+    chunks = await _stream(request, make, n, None)
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "ember",
+    }
+    if not body.get("stream"):
+        texts, finals = [prompt if echo else ""] * n, [None] * n
+        async for index, chunk in chunks:
+            texts[index] += chunk.response
+            if chunk.done:
+                finals[index] = chunk
+        choices = [
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": None,
+                "finish_reason": _FINISH.get(finals[i].done_reason or "stop", "stop"),
+            }
+            for i in range(n)
+        ]
+        return JSONResponse(
+            {
+                **head,
+                "object": "text_completion",
+                "choices": choices,
+                "usage": _sum_usage([_usage(final) for final in finals]),
+            }
+        )
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    async def events() -> AsyncIterator[bytes]:
+        chunk_head = {**head, "object": "text_completion"}
+        if echo:
+            for index in range(n):
+                yield _sse(
+                    {
+                        **chunk_head,
+                        "choices": [{"index": index, "text": prompt, "logprobs": None, "finish_reason": None}],
+                    }
+                )
+        usages = []
+        try:
+            async for index, chunk in chunks:
+                reason = _FINISH.get(chunk.done_reason or "stop", "stop") if chunk.done else None
+                if chunk.response or chunk.done:
+                    yield _sse(
+                        {
+                            **chunk_head,
+                            "choices": [
+                                {"index": index, "text": chunk.response, "logprobs": None, "finish_reason": reason}
+                            ],
+                        }
+                    )
+                if chunk.done:
+                    usages.append(_usage(chunk))
+        except EmberError as error:
+            yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
+            return
+        if include_usage and usages:
+            yield _sse({**chunk_head, "choices": [], "usage": _sum_usage(usages)})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _model_card(name: str, created: float) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(created), "owned_by": "ember"}
+
+
+def _known_models() -> list[dict[str, Any]]:
+    cards = {str(m.name): _model_card(str(m.name), m.modified) for m in ModelStore().list()}
+    default = f"{DEFAULT_MODEL.name}:latest"
+    if default not in cards:
+        try:
+            path = DEFAULT_MODEL.locate()
+        except EmberError:
+            return list(cards.values())
+        cards[default] = _model_card(default, path.stat().st_mtime)
+    return list(cards.values())
+
+
+@router.get("/v1/models")
+async def list_models() -> dict[str, Any]:
+    return {"object": "list", "data": await asyncio.to_thread(_known_models)}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str) -> dict[str, Any]:
+    try:
+        source = await asyncio.to_thread(resolve_model, model_id)
+    except (ModelNotFoundError, InvalidRequestError):
+        raise ModelNotFoundError(f"The model '{model_id}' does not exist") from None
+    return _model_card(source.name if ":" in model_id else model_id, source.path.stat().st_mtime)

@@ -1,0 +1,124 @@
+"""Safe by default: API keys, a Host allow-list against DNS rebinding, a body size limit, and CORS.
+
+Written as plain ASGI middleware (not Starlette's BaseHTTPMiddleware), so that streaming responses and the
+detection of a client that went away are left exactly as the app has them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from ember.config import Settings
+
+Scope = dict[str, Any]
+OPEN_PATHS = frozenset({"/health"})
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0"}
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+class Guard:
+    """Refuses, before the app sees it: a bad Host header, a missing or wrong API key, an over-large body."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in _split(settings.api_keys)]
+        self.max_bytes = settings.max_request_bytes
+        bound_host, _ = settings.host_and_port
+        self.check_host = bound_host in _LOCAL_HOSTS or bound_host.startswith("127.")
+        self.allowed_hosts = _LOCAL_HOSTS | {host.lower() for host in _split(settings.allowed_hosts)}
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        problem = self._refusal(scope, headers)
+        if problem is not None:
+            status, message = problem
+            await _refuse(scope, send, status, message)
+            return
+        if scope["type"] == "http":
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                await _refuse(scope, send, 413, f"the request body is larger than {self.max_bytes} bytes")
+                return
+            receive = self._limited(receive, scope, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
+        if self.check_host:
+            host = headers.get("host", "").lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host and name not in self.allowed_hosts:
+                return 403, f"host {host!r} is not allowed; add it to EMBER_ALLOWED_HOSTS to serve it"
+        if self.keys and scope.get("path") not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+            given = headers.get("authorization", "")
+            token = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not any(hmac.compare_digest(token.encode(), key) for key in self.keys):
+                return 401, "missing or invalid API key: send `Authorization: Bearer <key>`"
+        return None
+
+    def _limited(self, receive: Any, scope: Scope, send: Any) -> Any:
+        received = 0
+        limit = self.max_bytes
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        return limited_receive
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes")
+
+
+async def _refuse(scope: Scope, send: Any, status: int, message: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        return
+    if scope.get("path", "").startswith("/v1/"):
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    else:
+        body = {"error": message}
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def install_security(app: FastAPI, settings: Settings) -> None:
+    origins = _split(settings.allowed_origins)
+    # Any port of each allowed origin: browsers send e.g. http://localhost:3000 for a local web UI.
+    pattern = "|".join(re.escape(origin) + r"(:\d+)?" for origin in origins) or "$^"
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origin_regex=f"^({pattern})$",
+        allow_methods=["*"],
+        allow_headers=["*"],
+        allow_credentials=False,
+    )
+    app.add_middleware(Guard, settings=settings)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Any, error: BodyTooLarge) -> Any:
+        from ember.api.app import error_response
+
+        return error_response(request, 413, str(error))

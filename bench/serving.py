@@ -29,8 +29,9 @@ from ember.types import GenerateRequest
 TOPICS = ["the sea", "a mountain", "a city at night", "an old library", "a desert", "a forest", "a train", "winter"]
 
 
-def prompt_for(index: int) -> str:
-    return f"Write a long, detailed story about {TOPICS[index % len(TOPICS)]}. Story {index}:"
+def prompt_for(index: int, run: int = 0) -> str:
+    """A fixed prompt per stream; the run number at its start keeps ember's prefix cache from helping."""
+    return f"Run {run}. Write a long, detailed story about {TOPICS[index % len(TOPICS)]}. Story {index}:"
 
 
 class RawBatchedLoop:
@@ -133,17 +134,19 @@ async def measure(streams: list[int], tokens: int, num_ctx: int, runs: int) -> d
         }
         manager = ModelManager(keep_alive=-1)
         raw = RawBatchedLoop(path, num_ctx, count, physical_cores())
-        prompts = [raw.tokenize(prompt_for(i)) for i in range(count)]
-        raw.run(prompts, 2)
+        raw.run([raw.tokenize(prompt_for(i)) for i in range(count)], 2)
         samples: list[dict[str, float]] = []
         try:
             await one_stream(manager, "warm up", {**options, "num_predict": 2})
-            for _ in range(runs):
+            for run in range(1, runs + 1):
+                prompts = [raw.tokenize(prompt_for(i, run)) for i in range(count)]
                 # A pause before each side: llama.cpp's worker threads keep polling for a moment after a graph,
                 # and the other side must not start while they do.
                 await asyncio.sleep(0.3)
                 started = time.perf_counter()
-                streams_run = await asyncio.gather(*(one_stream(manager, prompt_for(i), options) for i in range(count)))
+                streams_run = await asyncio.gather(
+                    *(one_stream(manager, prompt_for(i, run), options) for i in range(count))
+                )
                 wall = max(run["done"] for run in streams_run) - started
                 # The raw loop generates exactly as many tokens for each sequence as ember did for it.
                 counts = [int(run["tokens"]) for run in streams_run]

@@ -122,12 +122,19 @@ class Engine:
                 self._start(fork, self._take_slot([]))
 
     def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot whose cached KV shares the longest prefix with `prompt` (else the least recently used)."""
-        best_slot, best_common = self._free_slots[0], -1
-        for slot in self._free_slots:
+        """The free slot whose cached KV shares the longest prefix with `prompt`; without one, a slot next to
+        those in use (llama.cpp decodes only consecutive sequence ids in one pass: a gap costs a second pass),
+        then the least recently used."""
+        in_use = {sequence.slot for sequence in self._running if sequence.slot >= 0}
+
+        def preference(slot: int) -> tuple[int, int, int]:
             common = _common_prefix(self._slot_tokens[slot], prompt) if self.prefix_reuse else 0
-            if common > best_common or (common == best_common and self._slot_used[slot] < self._slot_used[best_slot]):
-                best_slot, best_common = slot, common
+            useful = common if common > 1 else 0  # a shared BOS alone is not worth a gap
+            adjacent = not in_use or (slot - 1) in in_use or (slot + 1) in in_use
+            return (-useful, 0 if adjacent else 1, self._slot_used[slot])
+
+        best_slot = min(self._free_slots, key=preference)
+        best_common = _common_prefix(self._slot_tokens[best_slot], prompt) if self.prefix_reuse else 0
         self._free_slots.remove(best_slot)
         self._admissions += 1
         self._slot_used[best_slot] = self._admissions
@@ -169,27 +176,26 @@ class Engine:
         budget = batch.capacity
         sampling_rows: list[tuple[Sequence, int]] = []
         advances: list[tuple[Sequence, int]] = []
+        # Every generating sequence gets its token first; prompts share what is left of the budget. Entries go
+        # in slot order: llama.cpp decodes only consecutive sequence ids in one pass (see _take_slot).
+        self._running.sort(key=lambda sequence: sequence.slot)
+        budget -= sum(1 for sequence in self._running if sequence.phase is Phase.DECODE)
         for sequence in self._running:
             if sequence.phase is Phase.DECODE:
                 index = batch.add(sequence.next_token, sequence.n_past, sequence.slot, True)
                 sampling_rows.append((sequence, index))
                 advances.append((sequence, 1))
-                budget -= 1
-        for sequence in self._running:
-            if budget <= 0:
-                break
-            if sequence.phase is not Phase.PREFILL:
-                continue
-            prompt = sequence.prompt_tokens
-            chunk = prompt[sequence.n_past : sequence.n_past + min(budget, self.prefill_chunk)]
-            last = len(prompt) - 1
-            for offset, token in enumerate(chunk):
-                position = sequence.n_past + offset
-                index = batch.add(token, position, sequence.slot, position == last)
-            if sequence.n_past + len(chunk) == len(prompt):
-                sampling_rows.append((sequence, index))
-            advances.append((sequence, len(chunk)))
-            budget -= len(chunk)
+            elif sequence.phase is Phase.PREFILL and budget > 0:
+                prompt = sequence.prompt_tokens
+                chunk = prompt[sequence.n_past : sequence.n_past + min(budget, self.prefill_chunk)]
+                last = len(prompt) - 1
+                for offset, token in enumerate(chunk):
+                    position = sequence.n_past + offset
+                    index = batch.add(token, position, sequence.slot, position == last)
+                if sequence.n_past + len(chunk) == len(prompt):
+                    sampling_rows.append((sequence, index))
+                advances.append((sequence, len(chunk)))
+                budget -= len(chunk)
 
         try:
             self.context.decode(batch)

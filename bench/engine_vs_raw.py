@@ -79,6 +79,7 @@ class RawLoop:
 
 def run_ember(model: LoadedModel, prompt: list[int], n_tokens: int) -> tuple[float, float, list[int]]:
     sampling = sampling_options({"temperature": 0, "repeat_penalty": 1.0, "num_predict": n_tokens})
+    model.engine.forget_cache()  # the same prompt every run: measure a real prefill, not a cache hit
     started = time.perf_counter()
     first = last = 0.0
     tokens: list[int] = []

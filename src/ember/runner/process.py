@@ -13,17 +13,22 @@ import logging
 import os
 import signal
 import sys
+import time
+from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
 from ember.engine.sequence import Sequence
+from ember.embeddings import EmbedJob
 from ember.loaded_model import Job, LoadedModel
+from ember.logprobs import logprob_entries
 from ember.options import LoadOptions
 from ember.runner.protocol import error_to_tuple
 from ember.store.resolve import ModelSource
-from ember.types import ChatRequest, GenerateRequest
+from ember.types import ChatRequest, EmbedRequest, GenerateRequest
 
 log = logging.getLogger(__name__)
+FLUSH_INTERVAL = 0.025  # seconds plain text may wait to travel with later text (see _Runner.flush)
 
 
 class _Runner:
@@ -33,12 +38,17 @@ class _Runner:
         self.jobs: dict[int, tuple[str, Job]] = {}  # sequence id -> (request id, job)
         self.by_request: dict[str, Sequence] = {}
         self.events: list[tuple[Any, ...]] = []
+        self.urgent = False  # an event the server should see now: a first token, an end, an error
+        self.last_flush = 0.0
+        self.started: set[str] = set()  # requests whose first text was sent
         self.running = True
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind in ("generate", "chat"):
             self.start(kind, message[1], message[2])
+        elif kind == "embed":
+            self.start_embed(message[1], message[2])
         elif kind == "cancel":
             sequence = self.by_request.get(message[1])
             if sequence is not None:
@@ -54,12 +64,34 @@ class _Runner:
                 job = self.model.start_chat(ChatRequest.model_validate(payload))
         except Exception as error:  # a bad request fails alone; the runner goes on
             self.events.append(("error", request_id, error_to_tuple(error)))
+            self.urgent = True
             return
         if not isinstance(job, Job):  # answered at once (a load-only request)
             self.events.append(("done", request_id, job.model_dump()))
+            self.urgent = True
             return
         self.jobs[job.sequence.id] = (request_id, job)
         self.by_request[request_id] = job.sequence
+
+    def start_embed(self, request_id: str, payload: dict[str, Any]) -> None:
+        try:
+            self.embeds.append((request_id, self.model.start_embed(EmbedRequest.model_validate(payload))))
+        except Exception as error:
+            self.events.append(("error", request_id, error_to_tuple(error)))
+            self.urgent = True
+
+    def embed_step(self) -> None:
+        """Embed one input of the oldest embedding request (generation steps go on between inputs)."""
+        request_id, job = self.embeds[0]
+        try:
+            job.step()
+            if not job.done:
+                return
+            self.events.append(("embedded", request_id, job.result().model_dump()))
+        except Exception as error:
+            self.events.append(("error", request_id, error_to_tuple(error)))
+        self.embeds.popleft()
+        self.urgent = True
 
     def step(self) -> None:
         for update in self.model.engine.step():
@@ -68,9 +100,24 @@ class _Runner:
                 continue
             request_id, job = entry
             if not update.done:
-                if update.text:  # the common case, per token: no response object is built here
-                    self.events.append(("text", request_id, update.text))
+                text = update.text
+                if job.tool_parser is not None:  # the job holds back what may be a tool call, and parses it
+                    text, chunk = job.stream_parts(update)
+                    if chunk is not None:
+                        self.events.append(("chunk", request_id, chunk))
+                        self.urgent = True
+                if update.logprob is not None:  # asked for: the token's logprob entry travels with its text
+                    entries = [entry.model_dump() for entry in logprob_entries(self.model.model, update) or ()]
+                    self.events.append(("text", request_id, text, entries))
+                if text:  # the common case, per token: no response object is built here
+                    if update.logprob is None:
+                        self.events.append(("text", request_id, text))
+                    if request_id not in self.started:
+                        self.started.add(request_id)
+                        self.urgent = True
                 continue
+            self.urgent = True
+            self.started.discard(request_id)
             try:
                 chunk = job.chunk(update)
             except Exception as error:
@@ -82,16 +129,25 @@ class _Runner:
                 if chunk is not None:
                     self.events.append(("done", request_id, chunk.model_dump()))
 
-    def flush(self) -> None:
-        if self.events:
-            events, self.events = self.events, []
-            self.connection.send(("steps", events))
+    def flush(self, *, force: bool = False) -> None:
+        """Send what the steps produced. Plain text waits up to FLUSH_INTERVAL to travel with the next steps'
+        text: each message wakes the server (and its client), and on a small machine every wake-up can delay
+        llama.cpp's worker threads. A first token, an end or an error goes at once."""
+        if not self.events:
+            return
+        now = time.monotonic()
+        if not force and not self.urgent and now - self.last_flush < FLUSH_INTERVAL:
+            return
+        events, self.events = self.events, []
+        self.urgent = False
+        self.last_flush = now
+        self.connection.send(("steps", events))
 
     def loop(self) -> None:
         engine = self.model.engine
         while self.running:
             # Block while idle; while there is work, only take what has already arrived.
-            wait: float | None = 0 if engine.has_work() or self.events else None
+            wait: float | None = 0 if engine.has_work() or self.events or self.embeds else None
             while self.connection.poll(wait):
                 self.handle(self.connection.recv())
                 wait = 0
@@ -99,7 +155,7 @@ class _Runner:
                     break
             if engine.has_work():
                 self.step()
-            self.flush()
+            self.flush(force=not engine.has_work())
 
 
 def runner_main(connection: Connection, source: ModelSource, options: LoadOptions, log_level: int) -> None:

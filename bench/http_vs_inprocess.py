@@ -32,8 +32,13 @@ def free_port() -> int:
 
 
 def over_http(base: str, prompt: str, tokens: int) -> tuple[float, float, int]:
-    body = {"model": "smollm2", "prompt": prompt, "raw": True, "keep_alive": -1,
-            "options": {"temperature": 0, "num_predict": tokens, "num_ctx": 1024}}
+    body = {
+        "model": "smollm2",
+        "prompt": prompt,
+        "raw": True,
+        "keep_alive": -1,
+        "options": {"temperature": 0, "num_predict": tokens, "num_ctx": 1024},
+    }
     sent = time.perf_counter()
     first = last = 0.0
     count = 0
@@ -70,8 +75,12 @@ def main() -> None:
 
     port = free_port()
     environment = {**os.environ, "EMBER_HOST": f"127.0.0.1:{port}"}
-    server = subprocess.Popen([sys.executable, "-m", "ember.cli.main", "serve"], env=environment,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ember.cli.main", "serve"],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -81,13 +90,15 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.1)
         model = ember.Model("smollm2", num_ctx=1024)
-        over_http(base, "warm up", 4)
-        in_process(model, "warm up", 4)
+        over_http(base, "Once upon a time", 32)
+        in_process(model, "Once upon a time", 32)
         wall_ratios, decode_ratios, figures = [], [], {"http_decode": [], "inprocess_decode": []}
         for run in range(args.runs):
             prompt = PROMPT.format(run=run)  # a new prompt each run: no side gets a cached prefix
-            sides = [("http", lambda: over_http(base, prompt, args.tokens)),
-                     ("inprocess", lambda: in_process(model, prompt, args.tokens))]
+            sides = [
+                ("http", lambda prompt=prompt: over_http(base, prompt, args.tokens)),
+                ("inprocess", lambda prompt=prompt: in_process(model, prompt, args.tokens)),
+            ]
             results = {}
             for name, run_side in sides if run % 2 == 0 else sides[::-1]:
                 time.sleep(0.3)
@@ -98,7 +109,8 @@ def main() -> None:
             figures["http_decode"].append(results["http"][1])
             figures["inprocess_decode"].append(results["inprocess"][1])
         report = {
-            "tokens": args.tokens, "runs": args.runs,
+            "tokens": args.tokens,
+            "runs": args.runs,
             "http_decode_tok_s": round(statistics.median(figures["http_decode"]), 1),
             "inprocess_decode_tok_s": round(statistics.median(figures["inprocess_decode"]), 1),
             "decode_ratio": round(statistics.median(decode_ratios), 3),

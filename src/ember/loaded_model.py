@@ -13,15 +13,27 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ember.embeddings import Embedder, EmbedJob
 from ember.engine.engine import Engine
 from ember.engine.llamacpp import LlamaModel
 from ember.engine.sequence import DoneReason, Sequence, SequenceRequest, SequenceUpdate
 from ember.errors import EngineError, InvalidRequestError
+from ember.logprobs import logprob_entries, requested_logprobs
 from ember.options import SAMPLING_OPTION_NAMES, LoadOptions, SamplingOptions, sampling_options
 from ember.prompt import PromptBuilder, grammar_for_format
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.resolve import ModelSource
-from ember.types import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Message, to_messages
+from ember.tools import ToolCallParser, ToolPlan
+from ember.types import (
+    ChatRequest,
+    ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Message,
+    to_messages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,7 @@ class LoadedModel:
         self.load_duration_ns = time.perf_counter_ns() - started
         self._unreported_load_ns = self.load_duration_ns
         self._default_sampling = {k: v for k, v in source.parameters.items() if k in SAMPLING_OPTION_NAMES}
+        self._embedder: Embedder | None = None  # its own llama.cpp context, made at the first embed request
 
     @property
     def name(self) -> str:
@@ -55,6 +68,9 @@ class LoadedModel:
 
     def close(self) -> None:
         with self._lock:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
             self.engine.close()
             self.model.close()
 
@@ -112,7 +128,7 @@ class LoadedModel:
         if request.context:
             tokens = list(request.context) + tokens
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=request.truncate)
-        sequence = self._submit(tokens, sampling, grammar_for_format(request.format))
+        sequence = self._submit(tokens, sampling, grammar_for_format(request.format), requested_logprobs(request))
         return Job(self, "generate", sequence, started)
 
     def start_chat(self, request: ChatRequest) -> Job | ChatResponse:
@@ -125,16 +141,20 @@ class LoadedModel:
         if not messages:
             return ChatResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
         conversation = self.prompts.chat_messages(messages, None)
+        template_source = request.template or self.prompts.template_source
+        plan = ToolPlan.for_request(request.tools, request.tool_choice, template_source)
         tokens = self.prompts.chat_tokens(
-            conversation,
+            plan.conversation(conversation),
             num_ctx=self.options.num_ctx,
             sampling=sampling,
             truncate=request.truncate,
             template=request.template,
-            tools=request.tools,
+            tools=plan.template_tools(),
         )
-        sequence = self._submit(tokens, sampling, grammar_for_format(request.format))
-        return Job(self, "chat", sequence, started)
+        sequence = self._submit(
+            tokens, sampling, plan.grammar() or grammar_for_format(request.format), requested_logprobs(request)
+        )
+        return Job(self, "chat", sequence, started, tool_parser=plan.parser())
 
     def complete_tokens(
         self, tokens: list[int], sampling: SamplingOptions, grammar: str | None = None, truncate: bool = False
@@ -150,9 +170,11 @@ class LoadedModel:
 
     # --- internals -----------------------------------------------------------------------------------
 
-    def _submit(self, tokens: list[int], sampling: SamplingOptions, grammar: str | None) -> Sequence:
+    def _submit(
+        self, tokens: list[int], sampling: SamplingOptions, grammar: str | None, logprobs: int | None = None
+    ) -> Sequence:
         room = self.options.num_ctx - len(tokens)
-        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar)
+        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs)
         with self._lock:
             return self.engine.submit(request)
 
@@ -171,6 +193,27 @@ class LoadedModel:
             with self._lock:
                 updates.close()
 
+    # --- embeddings ----------------------------------------------------------------------------------
+
+    def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """The pooled embedding of each input, not normalized (the API routes normalize where Ollama does)."""
+        job = self.start_embed(request)
+        while not job.done:
+            job.step()
+        return job.result()
+
+    def start_embed(self, request: EmbedRequest) -> EmbedJob:
+        """Tokenize and check every input now (one bad input fails the request); `step()` embeds one each."""
+        self.sampling_for(request.options)  # load options there must match the loaded model's
+        return EmbedJob(self, request)
+
+    def embed_tokens(self, tokens: list[int]) -> list[float]:
+        """One input's pooled embedding; the first call creates the embeddings context."""
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self.model, self.options)
+            return self._embedder.embed(tokens)
+
     def _metrics(self, started_ns: int, sequence: Sequence | None = None) -> dict[str, int]:
         load_ns, self._unreported_load_ns = self._unreported_load_ns, 0
         metrics = {"total_duration": time.perf_counter_ns() - started_ns + load_ns, "load_duration": load_ns}
@@ -188,40 +231,66 @@ class LoadedModel:
 class Job:
     """One request on the engine: turns the engine's updates for its sequence into response chunks."""
 
-    def __init__(self, model: LoadedModel, kind: str, sequence: Sequence, started_ns: int) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        kind: str,
+        sequence: Sequence,
+        started_ns: int,
+        *,
+        tool_parser: ToolCallParser | None = None,
+    ) -> None:
         self.model = model
         self.kind = kind
         self.sequence = sequence
         self.started_ns = started_ns
+        self.tool_parser = tool_parser  # a chat with tools: the text goes through it (see ember.tools)
 
     def chunk(self, update: SequenceUpdate) -> GenerateResponse | ChatResponse | None:
         """The response chunk for an update: text as it comes, then the final chunk with the timings."""
         if update.done and update.sequence.done_reason is DoneReason.ERROR:
             raise EngineError(update.sequence.error or "generation failed")
-        if not update.done and not update.text:
+        if not update.done and not update.text and update.logprob is None:
             return None
         name = self.model.name
         if self.kind == "chat":
-            message = Message(role="assistant", content=update.text)
+            text, calls = update.text, None
+            if self.tool_parser is not None:
+                text, calls = self.tool_parser.push(update.text, final=update.done)
+                if not update.done and not text and not calls and update.logprob is None:
+                    return None
+            message = Message(role="assistant", content=text, tool_calls=calls or None)
             if not update.done:
-                return ChatResponse(model=name, message=message)
+                return ChatResponse(model=name, message=message, logprobs=logprob_entries(self.model.model, update))
             return ChatResponse(
                 model=name,
                 message=message,
                 done=True,
                 done_reason=_done_reason(self.sequence),
+                logprobs=logprob_entries(self.model.model, update),
                 **self.model._metrics(self.started_ns, self.sequence),
             )
         if not update.done:
-            return GenerateResponse(model=name, response=update.text)
+            logprobs = logprob_entries(self.model.model, update)
+            return GenerateResponse(model=name, response=update.text, logprobs=logprobs)
         return GenerateResponse(
             model=name,
             response=update.text,
             done=True,
             done_reason=_done_reason(self.sequence),
             context=self.sequence.prompt_tokens + self.sequence.output_tokens,
+            logprobs=logprob_entries(self.model.model, update),
             **self.model._metrics(self.started_ns, self.sequence),
         )
+
+    def stream_parts(self, update: SequenceUpdate) -> tuple[str, dict[str, Any] | None]:
+        """For a chat with tools, a not-final update as the runner sends it: plain text, or a chunk with calls."""
+        chunk = self.chunk(update)
+        if chunk is None:
+            return "", None
+        if chunk.message.tool_calls:
+            return "", chunk.model_dump()
+        return chunk.message.content, None
 
 
 def _done_reason(sequence: Sequence) -> str:

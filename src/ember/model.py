@@ -167,6 +167,7 @@ class Model:
         messages: Iterable[Mapping[str, Any] | Message],
         *,
         tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
         format: FormatSpec = None,
         template: str | None = None,
         stream: bool = False,
@@ -180,6 +181,7 @@ class Model:
             model=self.name,
             messages=to_messages(list(messages)),
             tools=tools,
+            tool_choice=tool_choice,
             format=format,
             template=template,
             stream=stream,
@@ -274,10 +276,12 @@ def _collect_generate(chunks: Iterator[GenerateResponse]) -> GenerateResponse:
 
 def _collect_chat(chunks: Iterator[ChatResponse]) -> ChatResponse:
     parts: list[str] = []
+    calls: list[Any] = []
     for chunk in chunks:
         parts.append(chunk.message.content)
+        calls.extend(chunk.message.tool_calls or ())
         if chunk.done:
-            message = Message(role="assistant", content="".join(parts))
+            message = Message(role="assistant", content="".join(parts), tool_calls=calls or None)
             return chunk.model_copy(update={"message": message})
     raise RuntimeError("chat ended without a final chunk")
 

@@ -62,6 +62,9 @@ class SamplingOptions(_OptionsModel):
     stop: tuple[str, ...] = Field((), description="Strings that end the answer; never part of the output.")
     num_predict: int = Field(-1, ge=-2, description="Most tokens to generate; -1 = until the context is full.")
     num_keep: int = Field(4, ge=-1, description="Prompt tokens kept from the start when truncating.")
+    logit_bias: dict[int, float] | None = Field(
+        None, description="Added to a token's logit, by token id: -100 bans the token, 100 all but forces it."
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -74,6 +77,18 @@ class SamplingOptions(_OptionsModel):
             value = tuple(value)
             if any(isinstance(item, str) and item == "" for item in value):
                 raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if not value:
+            return None
+        for token, bias in value.items():
+            if token < 0:
+                raise ValueError(f"token id {token} is negative")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} is {bias:g}; a bias must be from -100 to 100")
         return value
 
     def max_new_tokens(self, room: int) -> int:

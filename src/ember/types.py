@@ -41,6 +41,7 @@ class ToolCallFunction(_Subscriptable):
 
 class ToolCall(_Subscriptable):
     function: ToolCallFunction
+    id: str | None = None  # OpenAI's call id, for templates that pair calls with their results
 
 
 class Message(_Subscriptable):
@@ -53,14 +54,18 @@ class Message(_Subscriptable):
     images: list[str] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_name: str | None = None
+    tool_call_id: str | None = None  # OpenAI: the call a tool message answers
 
     def template_view(self) -> dict[str, Any]:
         """The message as a chat template expects it."""
         view: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
-            view["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            # Hugging Face templates expect {"type": "function", "function": {"name", "arguments": {...}}}
+            view["tool_calls"] = [{"type": "function", **c.model_dump(exclude_none=True)} for c in self.tool_calls]
         if self.tool_name:
             view["name"] = self.tool_name
+        if self.tool_call_id:
+            view["tool_call_id"] = self.tool_call_id
         return view
 
 
@@ -97,6 +102,8 @@ class _Request(BaseModel):
     keep_alive: str | float | None = Field(None, description="How long the model stays loaded afterwards.")
     truncate: bool = Field(False, description="Drop the oldest part of an over-long prompt instead of failing.")
     priority: str | int | None = Field(None, description="high, normal (default) or low: the order in the queue.")
+    logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: the most likely tokens at each position.")
 
 
 class GenerateRequest(_Request):
@@ -115,6 +122,9 @@ class ChatRequest(_Request):
 
     messages: list[Message] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='ember\'s addition: "auto" (default), "none", "required" or {"function": {"name": ...}}.'
+    )
     template: str | None = Field(None, description="Chat template (Jinja), replacing the model's own.")
 
 
@@ -155,6 +165,23 @@ class Metrics(_Subscriptable):
         return self.eval_count / (self.eval_duration / 1e9) if self.eval_duration else 0.0
 
 
+class TopLogprob(_Subscriptable):
+    """A token and its log-probability (natural log) at one position of the answer."""
+
+    token: str  # the token's text (its bytes decoded as UTF-8, a part of a character replaced)
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's log-probability, and the most likely tokens at its position (when asked for).
+
+    From the model's raw logits, before logit_bias, penalties, temperature and truncation (as OpenAI reports).
+    """
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 DoneReasonName = Literal["stop", "length", "cancelled", "load", "unload"]
 
 
@@ -167,6 +194,7 @@ class GenerateResponse(Metrics):
     done: bool = False
     done_reason: DoneReasonName | None = None
     context: list[int] | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
 
 
 class ChatResponse(Metrics):
@@ -177,3 +205,35 @@ class ChatResponse(Metrics):
     message: Message = Field(default_factory=lambda: Message(role="assistant"))
     done: bool = False
     done_reason: DoneReasonName | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
+
+
+class EmbedRequest(BaseModel):
+    """Embeddings of one text or several (Ollama's /api/embed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    input: str | list[str] = Field("", description="A text, or a list of texts, to embed.")
+    truncate: bool = Field(True, description="Cut an input longer than the context instead of failing.")
+    dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions (then normalized).")
+    options: dict[str, Any] | None = Field(None, description="Load options (Ollama's names).")
+    keep_alive: str | float | None = Field(None, description="How long the model stays loaded afterwards.")
+    priority: str | int | None = Field(None, description="high, normal (default) or low: the order in the queue.")
+
+    def inputs(self) -> list[str]:
+        """The texts to embed: an empty string alone means none (the request only loads the model)."""
+        if isinstance(self.input, str):
+            return [self.input] if self.input else []
+        return list(self.input)
+
+
+class EmbedResponse(_Subscriptable):
+    """One vector per input, in order; timings in nanoseconds. The runner sends them as the model pooled them;
+    the API routes normalize them (L2) where Ollama and OpenAI do."""
+
+    model: str
+    embeddings: list[list[float]] = Field(default_factory=list)
+    total_duration: int = 0
+    load_duration: int = 0
+    prompt_eval_count: int = 0

@@ -32,8 +32,9 @@ def test_ollama_generate_and_chat_streamed_and_not(base: str) -> None:
     client = ollama.Client(host=base)
     whole = client.generate(model="smollm2", prompt=QUESTION, options={**GREEDY, "num_predict": 16})
     assert "Paris" in whole.response and whole.done and whole.eval_count > 0 and whole.prompt_eval_duration > 0
-    streamed = list(client.generate(model="smollm2", prompt=QUESTION, options={**GREEDY, "num_predict": 16},
-                                    stream=True))
+    streamed = list(
+        client.generate(model="smollm2", prompt=QUESTION, options={**GREEDY, "num_predict": 16}, stream=True)
+    )
     assert "".join(part.response for part in streamed) == whole.response and streamed[-1].done
 
     messages = [{"role": "user", "content": QUESTION}]
@@ -46,8 +47,12 @@ def test_ollama_generate_and_chat_streamed_and_not(base: str) -> None:
 
 def test_ollama_format_json_and_errors(base: str) -> None:
     client = ollama.Client(host=base)
-    answer = client.generate(model="smollm2", prompt="Describe a cat as JSON with keys name and age.", format="json",
-                             options={**GREEDY, "num_predict": 200})
+    answer = client.generate(
+        model="smollm2",
+        prompt="Describe a cat as JSON with keys name and age.",
+        format="json",
+        options={**GREEDY, "num_predict": 200},
+    )
     json.loads(answer.response)
     with pytest.raises(ollama.ResponseError) as missing:
         client.generate(model="no-such-model", prompt="x")
@@ -75,8 +80,16 @@ def test_openai_chat_streamed_and_not_with_usage(oai: openai.OpenAI) -> None:
     text = whole.choices[0].message.content
     assert text.strip() and whole.choices[0].finish_reason in ("stop", "length")
     assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 10
-    chunks = list(oai.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0,
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        oai.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
@@ -85,13 +98,17 @@ def test_openai_completions_stop_and_seed(oai: openai.OpenAI) -> None:
     done = oai.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[", 8"])
     assert done.choices[0].text.startswith(" 5, 6, 7") and ", 8" not in done.choices[0].text
     assert done.choices[0].finish_reason == "stop"
-    streamed = list(oai.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0,
-                                           stop=[", 8"], stream=True))
+    streamed = list(
+        oai.completions.create(
+            model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[", 8"], stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
 
     def sample(seed: int) -> str:
-        result = oai.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=20, temperature=1.0,
-                                        seed=seed)
+        result = oai.completions.create(
+            model="smollm2", prompt="Once upon a time", max_tokens=20, temperature=1.0, seed=seed
+        )
         return result.choices[0].text
 
     assert sample(7) == sample(7)
@@ -99,15 +116,28 @@ def test_openai_completions_stop_and_seed(oai: openai.OpenAI) -> None:
 
 
 def test_openai_n_two_and_json_schema(oai: openai.OpenAI) -> None:
-    two = oai.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a fruit."}], n=2,
-                                      max_tokens=12, temperature=1.0, seed=3)
+    two = oai.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        n=2,
+        max_tokens=12,
+        temperature=1.0,
+        seed=3,
+    )
     assert [choice.index for choice in two.choices] == [0, 1]
     assert all(choice.message.content for choice in two.choices)
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
     person = oai.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "Invent a person. Reply in JSON."}], max_tokens=200,
-        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        model="smollm2",
+        messages=[{"role": "user", "content": "Invent a person. Reply in JSON."}],
+        max_tokens=200,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
     )
     value = json.loads(person.choices[0].message.content)
     assert isinstance(value["name"], str) and isinstance(value["age"], int)
@@ -127,8 +157,10 @@ def test_langchain_chat_models_invoke_and_stream(base: str) -> None:
     from langchain_ollama import ChatOllama
     from langchain_openai import ChatOpenAI
 
-    for chat in (ChatOllama(model="smollm2", base_url=base, temperature=0, num_predict=16),
-                 ChatOpenAI(model="smollm2", base_url=base + "/v1", api_key="unused", temperature=0, max_tokens=16)):
+    for chat in (
+        ChatOllama(model="smollm2", base_url=base, temperature=0, num_predict=16),
+        ChatOpenAI(model="smollm2", base_url=base + "/v1", api_key="unused", temperature=0, max_tokens=16),
+    ):
         answer = chat.invoke(QUESTION)
         assert answer.content.strip()
         pieces = [chunk.content for chunk in chat.stream(QUESTION)]

@@ -88,11 +88,13 @@ def test_dns_rebinding_is_refused_on_loopback(open_client: TestClient) -> None:
 
 
 def test_cors_allows_local_origins_only(open_client: TestClient) -> None:
-    local = open_client.options("/api/chat", headers={"Origin": "http://localhost:3000",
-                                                      "Access-Control-Request-Method": "POST"})
+    local = open_client.options(
+        "/api/chat", headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    )
     assert local.headers.get("access-control-allow-origin") == "http://localhost:3000"
-    foreign = open_client.options("/api/chat", headers={"Origin": "https://evil.example",
-                                                        "Access-Control-Request-Method": "POST"})
+    foreign = open_client.options(
+        "/api/chat", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in foreign.headers
 
 
@@ -105,16 +107,19 @@ def test_oversized_and_malformed_bodies_get_clear_errors(open_client: TestClient
     assert not_object.status_code == 400
     unknown_field = open_client.post("/api/generate", json={"model": "smollm2", "prompt": "x", "bogus": 1})
     assert unknown_field.status_code == 400 and "bogus" in unknown_field.json()["error"]
-    bad_option = open_client.post("/api/generate", json={"model": "smollm2", "prompt": "x",
-                                                         "options": {"temperature": -2}})
+    bad_option = open_client.post(
+        "/api/generate", json={"model": "smollm2", "prompt": "x", "options": {"temperature": -2}}
+    )
     assert bad_option.status_code == 400 and "temperature" in bad_option.json()["error"]
-    capped = open_client.post("/api/generate", json={"model": "smollm2", "prompt": "x",
-                                                     "options": {"num_predict": 10**9}})
+    capped = open_client.post(
+        "/api/generate", json={"model": "smollm2", "prompt": "x", "options": {"num_predict": 10**9}}
+    )
     assert capped.status_code == 400 and "limit" in capped.json()["error"]
     missing = open_client.post("/api/generate", json={"model": "no-such-model", "prompt": "x"})
     assert missing.status_code == 404
-    openai_missing = open_client.post("/v1/chat/completions", json={"model": "no-such-model",
-                                                                    "messages": [{"role": "user", "content": "x"}]})
+    openai_missing = open_client.post(
+        "/v1/chat/completions", json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert openai_missing.status_code == 404 and openai_missing.json()["error"]["message"]
     no_route = open_client.get("/api/nothing-here")
     assert no_route.status_code == 404 and "error" in no_route.json()

@@ -55,11 +55,13 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     install_security(app, settings)
     _install_error_handlers(app)
 
-    from ember.api import native, ollama, openai
+    from ember.api import embeddings, native, ollama, ollama_models, openai
 
     app.include_router(ollama.router)
+    app.include_router(ollama_models.router)
     app.include_router(openai.router)
     app.include_router(native.router)
+    app.include_router(embeddings.router)
     return app
 
 

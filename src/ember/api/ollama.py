@@ -64,6 +64,10 @@ def chunk_json(chunk: GenerateResponse | ChatResponse) -> dict[str, Any]:
             data["response"] = chunk.response
         else:
             data["message"] = {"role": "assistant", "content": chunk.message.content}
+            if chunk.message.tool_calls:
+                data["message"]["tool_calls"] = [c.model_dump(exclude_none=True) for c in chunk.message.tool_calls]
+        if chunk.logprobs is not None:
+            data["logprobs"] = [entry.model_dump() for entry in chunk.logprobs]
         return data
     return chunk.model_dump(exclude_none=True)
 
@@ -116,21 +120,26 @@ async def chat(request: Request) -> Response:
 
 
 async def collect_generate(chunks: AsyncIterator[GenerateResponse]) -> dict[str, Any]:
-    parts = []
+    parts, logprobs = [], []
     async for chunk in chunks:
         parts.append(chunk.response)
+        logprobs.extend(chunk.logprobs or ())
         if chunk.done:
-            return chunk.model_copy(update={"response": "".join(parts)}).model_dump(exclude_none=True)
+            update = {"response": "".join(parts), "logprobs": logprobs or None}
+            return chunk.model_copy(update=update).model_dump(exclude_none=True)
     raise EmberError("the generation ended without a final chunk")
 
 
 async def collect_chat(chunks: AsyncIterator[ChatResponse]) -> dict[str, Any]:
-    parts = []
+    parts, calls, logprobs = [], [], []
     async for chunk in chunks:
         parts.append(chunk.message.content)
+        calls.extend(chunk.message.tool_calls or ())
+        logprobs.extend(chunk.logprobs or ())
         if chunk.done:
-            message = Message(role="assistant", content="".join(parts))
-            return chunk.model_copy(update={"message": message}).model_dump(exclude_none=True)
+            message = Message(role="assistant", content="".join(parts), tool_calls=calls or None)
+            update = {"message": message, "logprobs": logprobs or None}
+            return chunk.model_copy(update=update).model_dump(exclude_none=True)
     raise EmberError("the chat ended without a final chunk")
 
 
@@ -252,6 +261,13 @@ async def show(request: Request) -> dict[str, Any]:
         "system": source.system or "",
         "details": model_details(info),
         "model_info": model_info,
-        "capabilities": ["completion"],
+        "messages": [dict(m) for m in source.messages],
+        "ember": {
+            "name": source.name,
+            "digest": source.digest,
+            "parameters": dict(source.parameters),
+            "adapters": [str(path) for path in source.adapters],
+        },
+        "capabilities": ["completion", "tools"],  # tools: natively, or through ember.tools' preamble
         "modified_at": _rfc3339(time.time()),
     }

@@ -3,6 +3,9 @@
 Only the fields a request gives become options, so a model's own defaults (and Ollama's) apply otherwise, as
 Ollama's OpenAI compatibility does. Streams are server-sent events ending in `data: [DONE]`. `n` > 1 runs n
 sequences side by side (seeds seed, seed+1 ... when a seed is given), each a choice with its own index.
+Logprobs (chat `logprobs`/`top_logprobs`, completions `logprobs: N`) come from the raw logits: see
+openai_logprobs.py. `logit_bias` becomes the sampling option of that name; `repeat_penalty` (llama.cpp
+server's extension) is taken too, since Ollama's default of 1.1 applies otherwise.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember.api.ollama import PRIORITY_HEADER, first_then_rest, manager_of, read_json
+from ember.api.openai_logprobs import Offsets, chat_fields, chat_logprobs, completion_fields, entries_of
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
 from ember.store.bundled import DEFAULT_MODEL
 from ember.store.resolve import resolve_model
 from ember.store.store import ModelStore
+from ember.tools import from_openai_message, openai_tool_call
 from ember.types import ChatRequest, GenerateRequest, build_request
 
 router = APIRouter()
@@ -45,14 +50,18 @@ def _options(body: dict[str, Any], settings: Any) -> dict[str, Any]:
         ("seed", "seed"),
         ("presence_penalty", "presence_penalty"),
         ("frequency_penalty", "frequency_penalty"),
+        ("repeat_penalty", "repeat_penalty"),  # llama.cpp server's extension: 1 turns Ollama's default 1.1 off
     ):
         if body.get(openai_name) is not None:
             options[name] = body[openai_name]
     stop = body.get("stop")
     if stop is not None:
         options["stop"] = [stop] if isinstance(stop, str) else stop
-    if body.get("logit_bias"):
-        raise InvalidRequestError("logit_bias is not supported yet by ember")
+    logit_bias = body.get("logit_bias")
+    if logit_bias:  # {"token id": bias}; ids and ranges are checked with the other sampling options
+        if not isinstance(logit_bias, dict):
+            raise InvalidRequestError('logit_bias must be an object of token ids to biases, such as {"1234": -100}')
+        options["logit_bias"] = logit_bias
     return options
 
 
@@ -179,15 +188,28 @@ async def chat_completions(request: Request) -> Response:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list")
-    native_messages = []
+    native_messages, call_names = [], {}
     for message in messages:
         if not isinstance(message, dict):
             raise InvalidRequestError("each message must be an object with role and content")
         role = "system" if message.get("role") == "developer" else message.get("role")
-        native_messages.append({"role": role, "content": _message_text(message.get("content"))})
+        native_messages.append(
+            {"role": role, "content": _message_text(message.get("content")), **from_openai_message(message, call_names)}
+        )
     model = body.get("model")
+    tools = body.get("tools") or None  # parallel_tool_calls is accepted and ignored
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidRequestError('tools must be a list of {"type": "function", "function": {...}} objects')
     base = build_request(
-        ChatRequest, model=model or "", messages=native_messages, format=response_format, stream=True, options=options
+        ChatRequest,
+        model=model or "",
+        messages=native_messages,
+        format=response_format,
+        stream=True,
+        options=options,
+        tools=tools,
+        tool_choice=body.get("tool_choice"),
+        **chat_fields(body),
     )
 
     def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
@@ -199,17 +221,21 @@ async def chat_completions(request: Request) -> Response:
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": completion_id, "created": created, "model": model, "system_fingerprint": "ember"}
     if not body.get("stream"):
-        texts, finals = [""] * n, [None] * n
+        texts, finals, calls = [""] * n, [None] * n, [[] for _ in range(n)]
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         async for index, chunk in chunks:
             texts[index] += chunk.message.content
+            logprobs[index] += entries_of(chunk)
+            calls[index].extend(chunk.message.tool_calls or ())
             if chunk.done:
                 finals[index] = chunk
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": texts[i]},
-                "logprobs": None,
-                "finish_reason": _FINISH.get(finals[i].done_reason or "stop", "stop"),
+                "message": {"role": "assistant", "content": texts[i] or (None if calls[i] else "")}
+                | ({"tool_calls": [openai_tool_call(call) for call in calls[i]]} if calls[i] else {}),
+                "logprobs": chat_logprobs(logprobs[i] if base.logprobs else None),
+                "finish_reason": "tool_calls" if calls[i] else _FINISH.get(finals[i].done_reason or "stop", "stop"),
             }
             for i in range(n)
         ]
@@ -239,10 +265,10 @@ async def chat_completions(request: Request) -> Response:
                     ],
                 }
             )
-        usages = []
+        usages, calls_sent = [], [0] * n
         try:
             async for index, chunk in chunks:
-                if chunk.message.content:
+                if chunk.message.content or chunk.logprobs:
                     yield _sse(
                         {
                             **chunk_head,
@@ -250,15 +276,25 @@ async def chat_completions(request: Request) -> Response:
                                 {
                                     "index": index,
                                     "delta": {"content": chunk.message.content},
-                                    "logprobs": None,
+                                    "logprobs": chat_logprobs(entries_of(chunk) if base.logprobs else None),
                                     "finish_reason": None,
                                 }
                             ],
                         }
                     )
+                if chunk.message.tool_calls:  # whole calls, after the text before them
+                    new_calls, first = chunk.message.tool_calls, calls_sent[index]
+                    calls_sent[index] += len(new_calls)
+                    delta = {"tool_calls": [openai_tool_call(c, first + k) for k, c in enumerate(new_calls)]}
+                    yield _sse(
+                        {
+                            **chunk_head,
+                            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
+                        }
+                    )
                 if chunk.done:
                     usages.append(_usage(chunk))
-                    reason = _FINISH.get(chunk.done_reason or "stop", "stop")
+                    reason = "tool_calls" if calls_sent[index] else _FINISH.get(chunk.done_reason or "stop", "stop")
                     yield _sse(
                         {
                             **chunk_head,
@@ -291,8 +327,16 @@ async def completions(request: Request) -> Response:
     echo = bool(body.get("echo"))
     model = body.get("model")
     base = build_request(
-        GenerateRequest, model=model or "", prompt=prompt, raw=True, stream=True, options=options, format=_format(body)
+        GenerateRequest,
+        model=model or "",
+        prompt=prompt,
+        raw=True,
+        stream=True,
+        options=options,
+        format=_format(body),
+        **completion_fields(body),
     )
+    offsets = Offsets(n, len(prompt) if echo else 0)  # where each choice's generated text starts
 
     def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
         return manager.generate(
@@ -308,15 +352,17 @@ async def completions(request: Request) -> Response:
     }
     if not body.get("stream"):
         texts, finals = [prompt if echo else ""] * n, [None] * n
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         async for index, chunk in chunks:
             texts[index] += chunk.response
+            logprobs[index] += entries_of(chunk)
             if chunk.done:
                 finals[index] = chunk
         choices = [
             {
                 "index": i,
                 "text": texts[i],
-                "logprobs": None,
+                "logprobs": offsets.shape(i, logprobs[i]) if base.logprobs else None,
                 "finish_reason": _FINISH.get(finals[i].done_reason or "stop", "stop"),
             }
             for i in range(n)
@@ -345,12 +391,13 @@ async def completions(request: Request) -> Response:
         try:
             async for index, chunk in chunks:
                 reason = _FINISH.get(chunk.done_reason or "stop", "stop") if chunk.done else None
-                if chunk.response or chunk.done:
+                if chunk.response or chunk.done or chunk.logprobs:
+                    shaped = offsets.shape(index, entries_of(chunk)) if base.logprobs else None
                     yield _sse(
                         {
                             **chunk_head,
                             "choices": [
-                                {"index": index, "text": chunk.response, "logprobs": None, "finish_reason": reason}
+                                {"index": index, "text": chunk.response, "logprobs": shaped, "finish_reason": reason}
                             ],
                         }
                     )

@@ -18,6 +18,8 @@ from ember.config import Settings
 
 Scope = dict[str, Any]
 OPEN_PATHS = frozenset({"/health"})
+# Blob uploads (model files, gigabytes) are streamed to disk, never held in memory: no body size limit there.
+UNLIMITED_BODY_PREFIX = "/api/blobs/"
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0"}
 
 
@@ -46,7 +48,7 @@ class Guard:
             status, message = problem
             await _refuse(scope, send, status, message)
             return
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not scope.get("path", "").startswith(UNLIMITED_BODY_PREFIX):
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
                 await _refuse(scope, send, 413, f"the request body is larger than {self.max_bytes} bytes")

@@ -10,10 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
+from ember.cli import remote
 from ember.errors import InvalidRequestError
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.pull import format_parameter_count
-from ember.store.resolve import ModelSource, resolve_model
+from ember.store.resolve import ModelSource, looks_like_path, resolve_model
 from ember.store.store import ModelStore
 
 
@@ -41,8 +42,12 @@ def pull(
     """Add a model to the store (downloads resume after an interruption)."""
     from ember.store.pull import pull as pull_model
 
-    result = pull_model(source, name=name, sha256=sha256, progress=_progress)
-    print(f"pulled {result.name} ({result.digest[7:19]}, {format_size(result.manifest.size)})", file=sys.stderr)
+    if remote.available():
+        pulled, digest, size = remote.pull(source, name=name, sha256=sha256, progress=_progress)
+    else:
+        result = pull_model(source, name=name, sha256=sha256, progress=_progress)
+        pulled, digest, size = result.name, result.digest, result.manifest.size
+    print(f"pulled {pulled} ({digest[7:19]}, {format_size(size)})", file=sys.stderr)
 
 
 def format_size(size: int) -> str:
@@ -74,15 +79,12 @@ def format_age(timestamp: float, now: float | None = None) -> str:
 def list_models() -> None:
     """List the models in the store."""
     rows = [("NAME", "ID", "SIZE", "MODIFIED")]
-    for manifest in ModelStore().list():
-        rows.append(
-            (
-                str(manifest.name),
-                manifest.model_layer.digest[7:19],
-                format_size(manifest.size),
-                format_age(manifest.modified),
-            )
-        )
+    if remote.available():
+        models = remote.list_rows()
+    else:
+        models = [(str(m.name), m.model_layer.digest[7:], m.size, m.modified) for m in ModelStore().list()]
+    for name, digest, size, modified in models:
+        rows.append((name, digest[:12], format_size(size), format_age(modified)))
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
         print("    ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
@@ -119,25 +121,14 @@ def show(
     license_: Annotated[bool, typer.Option("--license", help="Print only the license.")] = False,
 ) -> None:
     """Show a model's architecture, size, quantization, template, system prompt, parameters and license."""
-    source = resolve_model(name)
-    info = read_gguf(source.path)
-    facts = model_facts(source, info)
+    if not looks_like_path(name) and remote.available():
+        facts, modelfile_text = remote.show(name)
+    else:
+        facts, modelfile_text = _local_facts(name)
     if as_json:
         print(json.dumps(facts, indent=2, default=str))
     elif modelfile:
-        from ember.store.modelfile import render_modelfile
-
-        print(
-            render_modelfile(
-                from_=str(source.path),
-                parameters=facts["parameters_defaults"],
-                template=source.template,
-                system=source.system,
-                messages=facts["messages"],
-                license=[source.license] if source.license else [],
-                adapters=facts["adapters"],
-            )
-        )
+        print(modelfile_text)
     elif template:
         print(facts["template"] or "")
     elif system:
@@ -148,6 +139,23 @@ def show(
         print(facts["license"] or "")
     else:
         _print_facts(facts)
+
+
+def _local_facts(name: str) -> tuple[dict[str, Any], str]:
+    from ember.store.modelfile import render_modelfile
+
+    source = resolve_model(name)
+    facts = model_facts(source, read_gguf(source.path))
+    text = render_modelfile(
+        from_=str(source.path),
+        parameters=facts["parameters_defaults"],
+        template=source.template,
+        system=source.system,
+        messages=facts["messages"],
+        license=[source.license] if source.license else [],
+        adapters=facts["adapters"],
+    )
+    return facts, text
 
 
 def _print_parameters(parameters: dict[str, Any]) -> None:
@@ -203,8 +211,11 @@ def create(
         raise InvalidRequestError(f"no Modelfile at {file}; give one with -f PATH") from None
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidRequestError(f"cannot read the Modelfile {file}: {error}") from None
-    manifest = create_model(name, text, base_dir=file.resolve().parent, quantize=quantize)
-    print(f"created {manifest.name}", file=sys.stderr)
+    if remote.available():
+        created = remote.create(name, file, text, quantize)
+    else:
+        created = str(create_model(name, text, base_dir=file.resolve().parent, quantize=quantize).name)
+    print(f"created {created}", file=sys.stderr)
 
 
 def copy(
@@ -212,13 +223,13 @@ def copy(
     target: Annotated[str, typer.Argument(help="New name.")],
 ) -> None:
     """Copy a model under a new name (the files are shared, not duplicated)."""
-    copied = ModelStore().copy(source, target)
-    print(f"copied '{source}' to '{copied.name}'", file=sys.stderr)
+    copied = remote.copy(source, target) if remote.available() else str(ModelStore().copy(source, target).name)
+    print(f"copied '{source}' to '{copied}'", file=sys.stderr)
 
 
 def remove(names: Annotated[list[str], typer.Argument(help="Models to remove.")]) -> None:
     """Remove models; files no other model uses are deleted."""
     store = ModelStore()
     for name in names:
-        removed = store.remove(name)
-        print(f"deleted '{removed.name}'", file=sys.stderr)
+        removed = remote.remove(name) if remote.available() else str(store.remove(name).name)
+        print(f"deleted '{removed}'", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ember.cli import remote
 from ember.cli.output import print_metrics
 from ember.errors import InvalidRequestError
 from ember.model import Model
@@ -155,13 +156,19 @@ def run(
         }
     )
     resolve_options(load, sampling)  # a bad value or an unknown model fails here, before anything is read
-    source = resolve_model(model)
+    served = remote.load(model, load) if remote.available() else None  # a running server answers, keeps it loaded
+    source = resolve_model(model) if served is None else None
     text = _read_prompt(words, prompt, file)
     answer_format = _format(format_)
 
-    with Model(source, **load) as loaded:
-        chunks = loaded.generate(text, system=system, raw=raw, format=answer_format, stream=True, options=sampling)
-        final = _stream(chunks)
+    if served is not None:
+        request = {"model": served, "prompt": text, "system": system, "raw": raw, "format": answer_format}
+        request = {key: value for key, value in request.items() if value is not None}
+        final = _stream(remote.generate({**request, "options": {**load, **sampling}}))
+    else:
+        with Model(source, **load) as loaded:
+            chunks = loaded.generate(text, system=system, raw=raw, format=answer_format, stream=True, options=sampling)
+            final = _stream(chunks)
     if verbose and final is not None:
         print_metrics(final, sys.stderr)
 

@@ -19,7 +19,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 
 from ember.engine.llamacpp import LlamaContext, LlamaModel, Sampler, TokenBatch, supports_gpu_offload
-from ember.engine.sequence import DoneReason, Phase, Sequence, SequenceRequest, SequenceUpdate
+from ember.engine.readout import sampled_logprob
+from ember.engine.sequence import DoneReason, Phase, SampledLogprob, Sequence, SequenceRequest, SequenceUpdate
 from ember.errors import ContextOverflowError, EmberError, InvalidRequestError
 from ember.options import LoadOptions, SamplingOptions
 
@@ -89,6 +90,13 @@ class Engine:
             raise InvalidRequestError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
         for token in request.prompt_tokens:
             self.model.validate_token(token)
+        for token in request.sampling.logit_bias or ():
+            if token >= self.model.n_vocab:
+                raise InvalidRequestError(
+                    f"logit_bias names token id {token}, outside the vocabulary (0..{self.model.n_vocab - 1})"
+                )
+        if request.logprobs is not None and request.logprobs < 0:
+            raise InvalidRequestError(f"logprobs must be >= 0, got {request.logprobs}")
 
     def cancel(self, sequence: Sequence) -> None:
         """Stop a sequence; its slot is freed at once if it is waiting, else at the start of the next step."""
@@ -235,20 +243,28 @@ class Engine:
         sequence.output_tokens.append(token)
         if self.model.is_end_of_generation(token):
             return self._finish(sequence, DoneReason.STOP, self._drain(sequence), token)
+        logprob = None if request.logprobs is None else sampled_logprob(self.context, index, token, request.logprobs)
         text, stopped = sequence.stopper.push(sequence.decoder.decode(self.model.piece(token)))
         if stopped:
-            return self._finish(sequence, DoneReason.STOP, text, token)
+            return self._finish(sequence, DoneReason.STOP, text, token, logprob)
         if len(sequence.output_tokens) >= request.max_new_tokens or sequence.n_past >= self.num_ctx:
-            return self._finish(sequence, DoneReason.LENGTH, text + self._drain(sequence), token)
+            return self._finish(sequence, DoneReason.LENGTH, text + self._drain(sequence), token, logprob)
         sequence.next_token = token
-        return SequenceUpdate(sequence, text, token, False)
+        return SequenceUpdate(sequence, text, token, False, logprob)
 
     def _drain(self, sequence: Sequence) -> str:
         """Text held back for a possible stop string or an unfinished character, at the end of a sequence."""
         tail, stopped = sequence.stopper.push(sequence.decoder.flush())
         return tail if stopped else tail + sequence.stopper.flush()
 
-    def _finish(self, sequence: Sequence, reason: DoneReason, text: str, token: int | None = None) -> SequenceUpdate:
+    def _finish(
+        self,
+        sequence: Sequence,
+        reason: DoneReason,
+        text: str,
+        token: int | None = None,
+        logprob: SampledLogprob | None = None,
+    ) -> SequenceUpdate:
         forked_only = sequence.phase is Phase.FORKED
         sequence.phase = Phase.DONE
         sequence.done_reason = reason
@@ -271,7 +287,7 @@ class Engine:
             if fork.phase is Phase.FORKED:
                 fork.parent = None
                 fork.phase = Phase.PREFILL
-        return SequenceUpdate(sequence, text, token, True)
+        return SequenceUpdate(sequence, text, token, True, logprob)
 
     def _fail(self, sequence: Sequence, message: str) -> SequenceUpdate:
         sequence.error = message

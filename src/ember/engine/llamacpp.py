@@ -1,6 +1,7 @@
 """The module that talks to llama.cpp (through llama-cpp-python's low-level ctypes API).
 
-Only this module and `quantize.py` (llama.cpp's quantizer, kept apart for size) import llama_cpp.
+Only this module, `quantize.py` (llama.cpp's quantizer) and `readout.py` (embeddings and logprobs: reading
+llama.cpp's output vectors), both kept apart for size, import llama_cpp.
 
 Everything above this file works with Python types: token lists, bytes, options. The names of the C API
 drift between llama-cpp-python releases, so `check_backend()` verifies what ember needs once, at first use,
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -47,6 +49,8 @@ _REQUIRED_FUNCTIONS = (
     "llama_batch_init",
     "llama_batch_free",
     "llama_decode",
+    "llama_get_logits_ith",
+    "llama_get_embeddings_seq",
     "llama_get_memory",
     "llama_memory_clear",
     "llama_memory_seq_rm",
@@ -70,6 +74,7 @@ _REQUIRED_FUNCTIONS = (
     "llama_sampler_init_mirostat",
     "llama_sampler_init_mirostat_v2",
     "llama_sampler_init_grammar",
+    "llama_sampler_init_logit_bias",
     "llama_model_chat_template",
     "llama_model_meta_val_str",
     "llama_model_n_ctx_train",
@@ -351,9 +356,12 @@ class LlamaContext:
 
     The cache is not unified: each sequence has its own stream of cells, so a sequence computes exactly
     the same numbers whether it is decoded alone or next to others (batch-invariant output).
+
+    With `pooling` (a LLAMA_POOLING_TYPE_*) it is an embeddings context instead: one sequence of num_ctx tokens,
+    decoded in a single ubatch (llama.cpp pools each ubatch on its own), with pooled embeddings enabled.
     """
 
-    def __init__(self, model: LlamaModel, options: LoadOptions) -> None:
+    def __init__(self, model: LlamaModel, options: LoadOptions, *, pooling: int | None = None) -> None:
         params = lib.llama_context_default_params()
         threads = options.num_thread or physical_cores()
         params.n_ctx = options.num_ctx * options.num_parallel
@@ -365,9 +373,14 @@ class LlamaContext:
         params.flash_attn_type = _FLASH_ATTENTION[options.flash_attn]
         params.kv_unified = False
         params.no_perf = True
+        if pooling is not None:
+            params.n_ctx = params.n_batch = params.n_ubatch = options.num_ctx
+            params.n_seq_max = 1
+            params.embeddings = True
+            params.pooling_type = pooling
         self.model = model
-        self.n_seq_max = options.num_parallel
-        self.n_batch = options.num_batch
+        self.n_seq_max = params.n_seq_max
+        self.n_batch = params.n_batch
         self.threads = threads
         forget_llama_errors()
         self._ctx = lib.llama_init_from_model(model.handle, params)
@@ -470,7 +483,7 @@ class TokenBatch:
 class Sampler:
     """One sequence's sampler chain, built from its SamplingOptions (and grammar, when one is given).
 
-    Order as in llama.cpp's common sampler: grammar, penalties, then greedy, or mirostat, or
+    Order as in llama.cpp's common sampler: logit_bias, grammar, penalties, then greedy, or mirostat, or
     top_k -> typical_p -> top_p -> min_p -> temperature -> random draw.
     """
 
@@ -479,6 +492,8 @@ class Sampler:
         self._penalties_index: int | None = None
         self.penalty_window = num_ctx if options.repeat_last_n < 0 else options.repeat_last_n
         seed = lib.LLAMA_DEFAULT_SEED if options.seed < 0 else options.seed
+        if options.logit_bias:
+            self._add(_init_logit_bias(model.n_vocab, options.logit_bias))
         if grammar is not None:
             grammar_sampler = lib.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
             if not grammar_sampler:
@@ -548,6 +563,15 @@ def _init_penalties(n_vocab: int, last_n: int, repeat: float, frequency: float, 
     if len(lib.llama_sampler_init_penalties.argtypes) == 5:
         return lib.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence)
     return lib.llama_sampler_init_penalties(last_n, repeat, frequency, presence)
+
+
+def _init_logit_bias(n_vocab: int, biases: Mapping[int, float]) -> object:
+    # -100 is OpenAI's "ban": -inf makes it exact whatever the logit; llama.cpp copies the array.
+    entries = (lib.llama_logit_bias * len(biases))()
+    for entry, (token, bias) in zip(entries, sorted(biases.items()), strict=True):
+        entry.token = token
+        entry.bias = -math.inf if bias <= -100 else bias
+    return lib.llama_sampler_init_logit_bias(n_vocab, len(biases), entries)
 
 
 def json_schema_grammar(schema_json: str) -> str:

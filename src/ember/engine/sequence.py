@@ -35,16 +35,35 @@ class SequenceRequest:
     sampling: SamplingOptions
     max_new_tokens: int
     grammar: str | None = None
+    logprobs: int | None = None  # None: no logprobs; N: the sampled token's logprob and the N most likely
+
+
+@dataclass(frozen=True, slots=True)
+class SampledLogprob:
+    """A sampled token's log-probability and the `top` most likely tokens at its position (token, logprob).
+
+    From the raw logits (log-softmax over the whole vocabulary), before logit_bias, penalties, temperature or
+    any truncation: what the model itself predicts, as OpenAI reports it.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class SequenceUpdate:
-    """What one step did for one sequence: new text (possibly empty), and whether it is finished."""
+    """What one step did for one sequence: new text (possibly empty), and whether it is finished.
+
+    `logprob` is set when the request asked for logprobs and this update sampled a token that is part of the
+    answer (never for an end-of-generation token).
+    """
 
     sequence: Sequence
     text: str
     token: int | None
     done: bool
+    logprob: SampledLogprob | None = None
 
 
 _ids = itertools.count(1)

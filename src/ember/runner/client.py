@@ -23,7 +23,16 @@ from ember.errors import EmberError, EngineError, ModelLoadError
 from ember.options import LoadOptions
 from ember.runner.protocol import error_from_tuple
 from ember.store.resolve import ModelSource
-from ember.types import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Message
+from ember.types import (
+    ChatRequest,
+    ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Message,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -132,6 +141,9 @@ class RunnerProcess:
         async for kind, payload in self._stream("generate", request.model_dump(mode="json")):
             if kind == "text":  # built without validation: this runs for every token
                 yield GenerateResponse.model_construct(model=request.model, response=payload)
+            elif kind == "logprobs":  # text (possibly "") and the logprob entry of its token
+                logprobs = [TokenLogprob.model_validate(entry) for entry in payload[1]]
+                yield GenerateResponse.model_construct(model=request.model, response=payload[0], logprobs=logprobs)
             else:
                 yield GenerateResponse.model_validate(payload)
 
@@ -140,8 +152,19 @@ class RunnerProcess:
             if kind == "text":
                 message = Message.model_construct(role="assistant", content=payload)
                 yield ChatResponse.model_construct(model=request.model, message=message)
+            elif kind == "logprobs":
+                message = Message.model_construct(role="assistant", content=payload[0])
+                logprobs = [TokenLogprob.model_validate(entry) for entry in payload[1]]
+                yield ChatResponse.model_construct(model=request.model, message=message, logprobs=logprobs)
             else:
                 yield ChatResponse.model_validate(payload)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """The request's vectors as the model pooled them (not normalized)."""
+        result: Any = None
+        async for _, payload in self._stream("embed", request.model_dump(mode="json")):
+            result = payload
+        return EmbedResponse.model_validate(result)
 
     async def _stream(self, kind: str, payload: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         if not self.alive:
@@ -155,8 +178,10 @@ class RunnerProcess:
             while True:
                 event = await queue.get()
                 if event[0] == "text":
-                    yield "text", event[2]
-                elif event[0] == "done":
+                    yield ("text", event[2]) if len(event) == 3 else ("logprobs", event[2:])
+                elif event[0] == "chunk":  # a chat chunk with tool calls
+                    yield "chunk", event[2]
+                elif event[0] in ("done", "embedded"):
                     finished = True
                     yield "done", event[2]
                     return

@@ -18,8 +18,8 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ember.engine.sequence import Sequence
 from ember.embeddings import EmbedJob
+from ember.engine.sequence import Sequence
 from ember.loaded_model import Job, LoadedModel
 from ember.logprobs import logprob_entries
 from ember.options import LoadOptions
@@ -42,6 +42,7 @@ class _Runner:
         self.last_flush = 0.0
         self.started: set[str] = set()  # requests whose first text was sent
         self.running = True
+        self.embeds: deque[tuple[str, EmbedJob]] = deque()  # embedding requests, one input per loop turn
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -53,6 +54,8 @@ class _Runner:
             sequence = self.by_request.get(message[1])
             if sequence is not None:
                 self.model.engine.cancel(sequence)
+            elif any(request_id == message[1] for request_id, _ in self.embeds):
+                self.embeds = deque(entry for entry in self.embeds if entry[0] != message[1])
         elif kind == "shutdown":
             self.running = False
 
@@ -155,6 +158,8 @@ class _Runner:
                     break
             if engine.has_work():
                 self.step()
+            if self.embeds:
+                self.embed_step()
             self.flush(force=not engine.has_work())
 
 

@@ -3,6 +3,7 @@
 Server to runner:
     ("generate", request_id, GenerateRequest as a dict)
     ("chat", request_id, ChatRequest as a dict)
+    ("embed", request_id, EmbedRequest as a dict)   answered by "embedded" or "error"
     ("cancel", request_id)
     ("shutdown",)
 
@@ -11,8 +12,13 @@ Runner to server:
     ("load_failed", error)                 instead of "ready"; then the runner exits
     ("steps", [event, ...])                what one engine step produced, for every request at once:
         ("text", request_id, text)         a piece of the answer
+        ("text", request_id, text, [entry dict])   the same, for a request that asked for logprobs: the
+                                           TokenLogprob of the token just sampled (text may be "": held back)
+        ("chunk", request_id, chunk dict)  a chat chunk with tool calls (requests with tools only)
         ("done", request_id, final chunk as a dict)
         ("error", request_id, error)       the request failed; others go on
+        ("embedded", request_id, EmbedResponse as a dict)   an embed request's vectors (not normalized);
+                                           the runner embeds one input per turn of its loop, between steps
 
 An error travels as (class name, message, http status) and is rebuilt on the server side as the same
 EmberError subclass, so the user sees the message the runner wrote.

@@ -33,7 +33,7 @@ from ember.serve.memory import (
 from ember.serve.queue import Priority, RequestQueue, parse_priority
 from ember.store.gguf_file import read_gguf
 from ember.store.resolve import ModelSource, resolve_model
-from ember.types import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse
+from ember.types import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, GenerateRequest, GenerateResponse
 
 log = logging.getLogger(__name__)
 FOREVER = None  # keep_alive that never expires
@@ -78,6 +78,8 @@ class Runner(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateResponse]: ...
 
     def chat(self, request: ChatRequest) -> AsyncIterator[ChatResponse]: ...
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse: ...
 
     async def stop(self, timeout: float = 5.0) -> None: ...
 
@@ -181,7 +183,24 @@ class ModelManager:
         async for chunk in self._serve(request, lambda runner: runner.chat(request), priority, timeout):
             yield chunk
 
-    async def _load_only(self, request: GenerateRequest | ChatRequest, kind: type) -> Any:
+    async def embed(
+        self, request: EmbedRequest, *, priority: str | int | None = None, timeout: float | None = None
+    ) -> EmbedResponse:
+        """Embeddings of the request's inputs, queued like any request for the model (one slot while it runs);
+        no inputs only loads the model (or, with keep_alive 0, unloads it)."""
+        if not request.inputs():
+            loaded = await self._load_only(request, GenerateResponse)
+            return EmbedResponse(
+                model=request.model, total_duration=loaded.total_duration, load_duration=loaded.load_duration
+            )
+
+        async def once(runner: Runner) -> AsyncIterator[EmbedResponse]:
+            yield await runner.embed(request)
+
+        results = [result async for result in self._serve(request, once, priority, timeout)]
+        return results[0]
+
+    async def _load_only(self, request: GenerateRequest | ChatRequest | EmbedRequest, kind: type) -> Any:
         keep_alive = parse_keep_alive(request.keep_alive, self.keep_alive)
         name, source, wanted = self._resolve(request)
         if keep_alive == 0:
@@ -200,7 +219,7 @@ class ModelManager:
             load_duration=load,
         )
 
-    def _resolve(self, request: GenerateRequest | ChatRequest) -> tuple[str, ModelSource, LoadOptions]:
+    def _resolve(self, request: GenerateRequest | ChatRequest | EmbedRequest) -> tuple[str, ModelSource, LoadOptions]:
         if not request.model:
             raise InvalidRequestError("name a model in the request's `model` field")
         source = self.resolve(request.model)
@@ -210,7 +229,7 @@ class ModelManager:
 
     async def _serve(
         self,
-        request: GenerateRequest | ChatRequest,
+        request: GenerateRequest | ChatRequest | EmbedRequest,
         start: Callable[[Runner], AsyncIterator[Any]],
         priority: str | int | None,
         timeout: float | None,

@@ -1,0 +1,87 @@
+"""SIGTERM: the server stops accepting, lets the streams in flight finish, and leaves no runner behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.server import free_port
+
+
+def _runner_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "")
+        if ppid == str(parent) and "ember.runner.process" in command:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_sigterm_lets_a_stream_finish_and_stops_the_runners() -> None:
+    port = free_port()
+    environment = {**os.environ, "EMBER_HOST": f"127.0.0.1:{port}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ember.cli.main", "serve"],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = {
+            "model": "smollm2",
+            "prompt": "1, 2, 3, 4,",
+            "raw": True,
+            "options": {"num_predict": 60, "temperature": 0, "repeat_penalty": 1.0},
+        }
+        lines: list[dict] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", base + "/api/generate", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    lines.append(json.loads(line))
+                    started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60)
+        runners = _runner_pids(server.pid)
+        assert len(runners) == 1
+        server.send_signal(signal.SIGTERM)
+        reader.join(timeout=30)
+        assert lines[-1]["done"] is True, lines[-1]
+        assert lines[-1]["done_reason"] == "length" and lines[-1]["eval_count"] == 60  # it finished, not cut
+        assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its cleanup
+        for pid in runners:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        try:
+            httpx.get(base + "/health", timeout=1)
+            raise AssertionError("the server still answers after SIGTERM")
+        except httpx.HTTPError:
+            pass
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from ember.api import schemas
 from ember.api.ollama import PRIORITY_HEADER, check_caps, manager_of, read_json
 from ember.embeddings import finish_vector, float32_base64
 from ember.errors import InvalidRequestError
@@ -28,7 +29,7 @@ async def _embed(request: Request, native: EmbedRequest) -> EmbedResponse:
     )
 
 
-@router.post("/api/embed")
+@router.post("/api/embed", openapi_extra=schemas.EMBED)
 async def embed(request: Request) -> dict[str, Any]:
     native = build_request(EmbedRequest, **await read_json(request))
     result = await _embed(request, native)
@@ -36,7 +37,7 @@ async def embed(request: Request) -> dict[str, Any]:
     return {**result.model_dump(), "model": native.model, "embeddings": vectors}
 
 
-@router.post("/api/embeddings")
+@router.post("/api/embeddings", openapi_extra=schemas.EMBEDDINGS)
 async def embeddings(request: Request) -> dict[str, Any]:
     body = await read_json(request)
     prompt = body.pop("prompt", "")
@@ -49,7 +50,7 @@ async def embeddings(request: Request) -> dict[str, Any]:
     return {"embedding": finish_vector(result.embeddings[0], normalize=False, dimensions=native.dimensions)}
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", openapi_extra=schemas.OPENAI_EMBEDDINGS)
 async def openai_embeddings(request: Request) -> dict[str, Any]:
     body = await read_json(request)
     texts = body.get("input")

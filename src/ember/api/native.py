@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 
+from ember.api import schemas
 from ember.api.ollama import chunk_json, manager_of, read_json
 from ember.errors import EmberError, InvalidRequestError
 from ember.store.resolve import resolve_model
@@ -39,7 +40,7 @@ async def _tokenizer(name: str) -> Any:
     return await asyncio.to_thread(LlamaModel.vocab_only, source.path, load_options({}))
 
 
-@router.post("/api/tokenize")
+@router.post("/api/tokenize", openapi_extra=schemas.TOKENIZE)
 async def tokenize(request: Request) -> dict[str, Any]:
     body = await read_json(request)
     name, text = body.get("model"), body.get("content", body.get("text"))
@@ -55,7 +56,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
     return {"model": name, "tokens": tokens}
 
 
-@router.post("/api/detokenize")
+@router.post("/api/detokenize", openapi_extra=schemas.DETOKENIZE)
 async def detokenize(request: Request) -> dict[str, Any]:
     body = await read_json(request)
     name, tokens = body.get("model"), body.get("tokens")

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember import __version__
+from ember.api import schemas
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
 from ember.serve.manager import ModelManager
 from ember.store.gguf_file import GGUFInfo, read_gguf
@@ -95,7 +96,7 @@ async def first_then_rest(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
     return rest()
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", openapi_extra=schemas.GENERATE)
 async def generate(request: Request) -> Response:
     body = await read_json(request)
     native = build_request(GenerateRequest, **body)
@@ -107,7 +108,7 @@ async def generate(request: Request) -> Response:
     return ndjson(await first_then_rest(chunks))
 
 
-@router.post("/api/chat")
+@router.post("/api/chat", openapi_extra=schemas.CHAT)
 async def chat(request: Request) -> Response:
     body = await read_json(request)
     native = build_request(ChatRequest, **body)
@@ -212,7 +213,7 @@ async def running(request: Request) -> dict[str, Any]:
     return {"models": models}
 
 
-@router.post("/api/stop")
+@router.post("/api/stop", openapi_extra=schemas.NAMED_MODEL)
 async def stop(request: Request) -> dict[str, Any]:
     body = await read_json(request)
     name = body.get("model") or body.get("name")
@@ -228,7 +229,7 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.post("/api/show")
+@router.post("/api/show", openapi_extra=schemas.NAMED_MODEL)
 async def show(request: Request) -> dict[str, Any]:
     body = await read_json(request)
     name = body.get("model") or body.get("name")

@@ -33,6 +33,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from ember.api import schemas
 from ember.api.ollama import read_json
 from ember.errors import EmberError, InvalidRequestError
 from ember.store.modelfile import Modelfile, ModelfileError, parse_modelfile, render_modelfile
@@ -189,7 +190,8 @@ def _check_local_path(text: str, what: str, base_dir: Path | None) -> None:
 # --- GET / -------------------------------------------------------------------------------------------------
 
 
-@router.api_route("/", methods=["GET", "HEAD"])
+@router.get("/")
+@router.head("/")
 async def root() -> PlainTextResponse:
     return PlainTextResponse("ember is running")
 
@@ -210,7 +212,7 @@ def _download_lines(emit: Emit, description: str, digest: str | None) -> Iterato
     yield report
 
 
-@router.post("/api/pull")
+@router.post("/api/pull", openapi_extra=schemas.PULL)
 async def pull_route(request: Request) -> Response:
     """{model, insecure, stream}; ember's own fields: `destination` (the name to register) and `sha256`."""
     from ember.store.pull import pull
@@ -331,7 +333,7 @@ def _from_fields(body: dict[str, Any], store: ModelStore) -> Modelfile:
         raise _without_line_number(error) from None
 
 
-@router.post("/api/create")
+@router.post("/api/create", openapi_extra=schemas.CREATE)
 async def create_route(request: Request) -> Response:
     from ember.store.create import create
 
@@ -360,7 +362,7 @@ async def create_route(request: Request) -> Response:
 # --- copy, delete ------------------------------------------------------------------------------------------
 
 
-@router.post("/api/copy")
+@router.post("/api/copy", openapi_extra=schemas.COPY)
 async def copy_route(request: Request) -> Response:
     body = await read_json(request)
     source, destination = body.get("source"), body.get("destination")
@@ -370,7 +372,7 @@ async def copy_route(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.delete("/api/delete")
+@router.delete("/api/delete", openapi_extra=schemas.NAMED_MODEL)
 async def delete_route(request: Request) -> Response:
     body = await read_json(request)
     name = _model_field(body, "delete")

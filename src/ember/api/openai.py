@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ember.api import schemas
 from ember.api.ollama import PRIORITY_HEADER, first_then_rest, manager_of, read_json
 from ember.api.openai_logprobs import Offsets, chat_fields, chat_logprobs, completion_fields, entries_of
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
@@ -180,7 +181,7 @@ async def _stream(request: Request, make: Any, n: int, shape: Any) -> AsyncItera
     return await first_then_rest(_merged(streams))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=schemas.OPENAI_CHAT)
 async def chat_completions(request: Request) -> Response:
     body = await read_json(request)
     settings = request.app.state.settings
@@ -311,7 +312,7 @@ async def chat_completions(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=schemas.OPENAI_COMPLETION)
 async def completions(request: Request) -> Response:
     body = await read_json(request)
     settings = request.app.state.settings

@@ -15,6 +15,7 @@ from ember.api.app import create_app
 from ember.config import Settings
 
 KEY = "secret-key-1"
+LOCAL = {"Host": "127.0.0.1:11434"}  # TestClient's websockets say "testserver", which the Host check refuses
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,11 @@ def _routes(client: TestClient) -> list[tuple[str, str]]:
 def test_every_route_but_health_needs_a_key(keyed: TestClient) -> None:
     for method, path in _routes(keyed):
         if method == "WEBSOCKET":
-            with pytest.raises(WebSocketDisconnect) as closed, keyed.websocket_connect(path) as socket:
+            with pytest.raises(WebSocketDisconnect) as closed, keyed.websocket_connect(path, headers=LOCAL) as socket:
                 socket.receive_json()
             assert closed.value.code == 1008, path
+            with keyed.websocket_connect(path, headers={**LOCAL, "Authorization": f"Bearer {KEY}"}) as socket:
+                socket.send_json({"type": "cancel"})  # accepted with the key: nothing to cancel, no answer
             continue
         response = keyed.request(method, path, json={})
         if path == "/health":

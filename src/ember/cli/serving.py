@@ -13,8 +13,17 @@ from ember.config import Settings
 from ember.errors import EmberError, ModelNotFoundError
 
 
+def settings_help() -> str:
+    """Every EMBER_* setting with its default and meaning, for `ember serve --help`."""
+    lines = ["Settings (environment variables; the flags above override them):", ""]
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default_factory is None else "(per platform)"
+        lines.append(f"EMBER_{name.upper()}={default if default not in (None, '') else ''}  {field.description}")
+    return "\n\n".join(lines)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
+    app.command("serve", epilog=settings_help())(serve)
     app.command("ps")(ps)
     app.command("stop")(stop)
 

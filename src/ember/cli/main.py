@@ -46,6 +46,9 @@ def _root(
 run_command.register(app)
 model_commands.register(app)
 serving_commands.register(app)
+from ember.cli import bench as bench_command  # noqa: E402  (kept next to its registration: one place to edit)
+
+bench_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from ember import __version__
+from ember.cli import bench as bench_command
 from ember.cli import models as model_commands
 from ember.cli import run as run_command
 from ember.cli import serving as serving_commands
@@ -46,8 +47,6 @@ def _root(
 run_command.register(app)
 model_commands.register(app)
 serving_commands.register(app)
-from ember.cli import bench as bench_command  # noqa: E402  (kept next to its registration: one place to edit)
-
 bench_command.register(app)
 
 

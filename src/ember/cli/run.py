@@ -85,6 +85,16 @@ def run(
     format_: Annotated[str | None, typer.Option("--format", help="json, or a JSON schema the answer follows.")] = None,
     raw: Annotated[bool, typer.Option("--raw", "-no-cnv", help="Send the prompt without the chat template.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Print timings and rates afterwards.")] = False,
+    interactive: Annotated[
+        bool, typer.Option("-i", "--interactive", help="Chat in the terminal (after answering a prompt, if any).")
+    ] = False,
+    interactive_first: Annotated[
+        bool, typer.Option("--interactive-first", help="Chat in the terminal, waiting for input first.")
+    ] = False,
+    reverse_prompt: Annotated[
+        list[str] | None,
+        typer.Option("-r", "--reverse-prompt", help="In the chat, stop and hand back at this text (repeatable)."),
+    ] = None,
     n_predict: Annotated[
         int | None, typer.Option("-n", "--n-predict", help="Most tokens to generate.", rich_help_panel=_SAMPLING)
     ] = None,
@@ -119,7 +129,7 @@ def run(
     flash_attn: Annotated[
         bool | None, typer.Option("-fa/-no-fa", "--flash-attn/--no-flash-attn", rich_help_panel=_LOADING)
     ] = None,
-) -> None:
+) -> int | None:
     """Answer a prompt with a model, streamed to the terminal."""
     words = list(words or [])
     if model_option is not None:
@@ -156,6 +166,22 @@ def run(
         }
     )
     resolve_options(load, sampling)  # a bad value or an unknown model fails here, before anything is read
+    given = bool(words or prompt or file)
+    if interactive or interactive_first or (not given and sys.stdin.isatty()):
+        from ember.cli.repl import run_repl  # the chat in the terminal
+
+        text = _read_prompt(words, prompt, file) if given else None
+        return run_repl(
+            model,
+            load,
+            sampling,
+            system=system,
+            format_=_format(format_),
+            reverse_prompts=reverse_prompt or (),
+            verbose=verbose,
+            first=None if interactive_first else text,
+            prefill=(text or "") if interactive_first else "",
+        )
     served = remote.load(model, load) if remote.available() else None  # a running server answers, keeps it loaded
     source = resolve_model(model) if served is None else None
     text = _read_prompt(words, prompt, file)

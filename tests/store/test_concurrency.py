@@ -49,7 +49,7 @@ def test_concurrent_pull_create_cp_rm_leave_a_consistent_store(tmp_path: Path) -
     script.write_text(WORKER)
     workers = [
         subprocess.Popen(
-            [sys.executable, str(script), str(index), "25", str(tiny), str(other)],
+            [sys.executable, str(script), str(index), "40", str(tiny), str(other)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

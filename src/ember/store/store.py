@@ -233,22 +233,23 @@ class ModelStore:
         pending.append(config_blob)
         try:
             with self.locked():
-                for blob in pending:
-                    target = self.blob_path(blob.digest)
-                    if target.exists():
-                        blob.temp_path.unlink(missing_ok=True)
-                    else:
-                        os.replace(blob.temp_path, target)
-                written: list[Layer] = []
-                for media_type, blob in layers:
-                    layer = Layer(media_type, blob.digest, blob.size)
-                    if not self.blob_path(layer.digest).exists():
-                        raise StoreError(f"layer {layer.digest} is missing from the store; pull the model again")
-                    written.append(layer)
-                manifest = Manifest(
-                    parsed, Layer(CONFIG_MEDIA_TYPE, config_blob.digest, config_blob.size), tuple(written), time.time()
-                )
-                self._replace_manifest(manifest)
+                for _, blob in layers:  # a reused layer may have been removed by another process meanwhile
+                    if isinstance(blob, Layer) and not self.blob_path(blob.digest).exists():
+                        raise StoreError(f"layer {blob.digest} is missing from the store; pull the model again")
+                try:
+                    for blob in pending:
+                        target = self.blob_path(blob.digest)
+                        if target.exists():
+                            blob.temp_path.unlink(missing_ok=True)
+                        else:
+                            os.replace(blob.temp_path, target)
+                    written = tuple(Layer(media_type, blob.digest, blob.size) for media_type, blob in layers)
+                    config_layer = Layer(CONFIG_MEDIA_TYPE, config_blob.digest, config_blob.size)
+                    manifest = Manifest(parsed, config_layer, written, time.time())
+                    self._replace_manifest(manifest)
+                except BaseException:
+                    self._collect_garbage()  # blobs made visible for a manifest that was not written
+                    raise
                 return manifest
         except OSError as error:
             raise _disk_error(error, f"registering {parsed}") from None

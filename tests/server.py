@@ -46,8 +46,8 @@ def running_server(**settings: Any) -> Iterator[str]:
 
 
 @contextmanager
-def serve_subprocess(env: dict[str, str] | None = None) -> Iterator[tuple[str, dict[str, str]]]:
-    """`ember serve` as a user starts it; yields its base URL and the environment that points at it."""
+def serve_process(env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str, dict[str, str]]]:
+    """`ember serve` as a user starts it; yields the process, its base URL and the environment pointing at it."""
     port = free_port()
     environment = {**os.environ, **(env or {}), "EMBER_HOST": f"127.0.0.1:{port}"}
     process = subprocess.Popen(
@@ -69,10 +69,18 @@ def serve_subprocess(env: dict[str, str] | None = None) -> Iterator[tuple[str, d
             raise RuntimeError(f"ember serve did not start: {process.stderr.read().decode() if process.stderr else ''}")
         time.sleep(0.1)
     try:
-        yield base, environment
+        yield process, base, environment
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextmanager
+def serve_subprocess(env: dict[str, str] | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """`ember serve` as a user starts it; yields its base URL and the environment that points at it."""
+    with serve_process(env) as (_, base, environment):
+        yield base, environment

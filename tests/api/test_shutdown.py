@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.server import free_port
+from tests.server import serve_process
 
 
 def _runner_pids(parent: int) -> list[int]:
@@ -33,23 +29,7 @@ def _runner_pids(parent: int) -> list[int]:
 
 
 def test_sigterm_lets_a_stream_finish_and_stops_the_runners() -> None:
-    port = free_port()
-    environment = {**os.environ, "EMBER_HOST": f"127.0.0.1:{port}"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ember.cli.main", "serve"],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                httpx.get(base + "/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with serve_process() as (server, base, _):
         body = {
             "model": "smollm2",
             "prompt": "1, 2, 3, 4,",
@@ -82,6 +62,3 @@ def test_sigterm_lets_a_stream_finish_and_stops_the_runners() -> None:
             raise AssertionError("the server still answers after SIGTERM")
         except httpx.HTTPError:
             pass
-    finally:
-        if server.poll() is None:
-            server.kill()

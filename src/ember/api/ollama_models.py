@@ -38,7 +38,7 @@ from ember.api.ollama import read_json
 from ember.errors import EmberError, InvalidRequestError
 from ember.store.modelfile import Modelfile, ModelfileError, parse_modelfile, render_modelfile
 from ember.store.names import parse_model_name
-from ember.store.resolve import looks_like_path
+from ember.store.resolve import looks_like_path, user_path
 from ember.store.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _blob(store: ModelStore, digest: str, what: str) -> Path:
 
 
 def _check_local_path(text: str, what: str, base_dir: Path | None) -> None:
-    if looks_like_path(text) and not Path(text).expanduser().is_absolute() and base_dir is None:
+    if looks_like_path(text) and not user_path(text).is_absolute() and base_dir is None:
         raise InvalidRequestError(
             f"{what} {text}: give an absolute path (the server does not know the client's working directory), "
             "or upload the file with POST /api/blobs/<digest>"
@@ -261,7 +261,7 @@ def _from_modelfile(body: dict[str, Any], store: ModelStore) -> tuple[Modelfile,
     path = _optional_str(body, "path")
     base_dir = None
     if path is not None:
-        modelfile_path = Path(path).expanduser()
+        modelfile_path = user_path(path)
         if not modelfile_path.is_absolute():
             raise InvalidRequestError(f"path {path}: give the absolute path of the Modelfile")
         base_dir = modelfile_path.parent

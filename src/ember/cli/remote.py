@@ -24,7 +24,7 @@ from typing import Any
 from ember.config import Settings
 from ember.errors import EmberError, ModelNotFoundError
 from ember.store.names import parse_model_name
-from ember.store.resolve import looks_like_path
+from ember.store.resolve import looks_like_path, user_path
 from ember.types import GenerateResponse
 
 _PROBE_TIMEOUT_S = 0.3
@@ -186,7 +186,7 @@ def show(name: str) -> tuple[dict[str, Any], str]:
 def pull(source: str, *, name: str | None, sha256: str | None, progress: Progress) -> tuple[str, str, int]:
     """Pull through the server, its download progress shown as bars; (name, digest, size) of the model."""
     if not source.lower().startswith(_REMOTE_PREFIXES) and looks_like_path(source):
-        path = Path(source).expanduser()
+        path = user_path(source)
         if not path.is_file():
             raise ModelNotFoundError(f"no model file at {path}")
         if not server_is_local():
@@ -240,7 +240,7 @@ def _with_uploads(text: str, base_dir: Path) -> str:
     def upload(value: str, what: str, kind: str) -> str:
         if not looks_like_path(value):
             return value
-        path = Path(value).expanduser()
+        path = user_path(value)
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
             raise ModelNotFoundError(f"{what} {value}: no {kind} file at {path}")

@@ -20,7 +20,7 @@ from ember.store.gguf_file import read_gguf
 from ember.store.modelfile import Modelfile, parse_modelfile
 from ember.store.names import parse_model_name
 from ember.store.pull import model_config
-from ember.store.resolve import looks_like_path
+from ember.store.resolve import looks_like_path, user_path
 from ember.store.store import (
     ADAPTER_MEDIA_TYPE,
     LICENSE_MEDIA_TYPE,
@@ -80,7 +80,7 @@ def _staged_path(store: ModelStore, blob: PendingBlob | Layer) -> Path:
 
 def _resolve_base(store: ModelStore, from_: str, base_dir: Path) -> _Base:
     if looks_like_path(from_):
-        path = Path(from_).expanduser()
+        path = user_path(from_)
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
             raise ModelNotFoundError(f"FROM {from_}: no model file at {path}")
@@ -119,7 +119,7 @@ def _adapter_layers(
 ) -> list[StagedLayer]:
     layers: list[StagedLayer] = [(ADAPTER_MEDIA_TYPE, layer) for layer in base.layers.get(ADAPTER_MEDIA_TYPE, [])]
     for adapter in spec.adapters:
-        path = Path(adapter).expanduser()
+        path = user_path(adapter)
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
             raise ModelNotFoundError(f"ADAPTER {adapter}: no adapter file at {path}")

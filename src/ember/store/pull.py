@@ -22,7 +22,7 @@ from ember.errors import CorruptModelError, InvalidRequestError, ModelNotFoundEr
 from ember.store.bundled import find_bundled
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.names import parse_model_name
-from ember.store.resolve import looks_like_path
+from ember.store.resolve import looks_like_path, user_path
 from ember.store.store import LICENSE_MEDIA_TYPE, MODEL_MEDIA_TYPE, Layer, Manifest, ModelStore, PendingBlob
 
 ProgressCallback = Callable[[int, int | None], None]
@@ -93,7 +93,7 @@ def pull(
     if source.lower().startswith(("hf.co/", "huggingface.co/")):
         return _pull_huggingface(store, source, target_name=name, sha256=sha256, progress=progress)
     if looks_like_path(source):
-        path = Path(source).expanduser()
+        path = user_path(source)
         if not path.is_file():
             raise ModelNotFoundError(f"no model file at {path}")
         _check_sha256(path, sha256)

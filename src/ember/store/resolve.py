@@ -38,6 +38,14 @@ class ModelSource:
     digest: str | None = None  # "sha256:..." of the model blob, when it comes from the store
 
 
+def user_path(text: str | os.PathLike[str]) -> Path:
+    """A path a user gave, with `~` expanded; `~nosuchuser/...` is a clear error rather than a crash."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise ModelNotFoundError(f"cannot find the home folder in {str(text)!r}; give the path in full") from None
+
+
 def looks_like_path(text: str) -> bool:
     """A .gguf name, anything with a directory part, or an existing file is a path, not a model name."""
     return (
@@ -81,7 +89,7 @@ def source_from_manifest(store: ModelStore, manifest: Manifest) -> ModelSource:
 def resolve_model(name_or_path: str | os.PathLike[str], store: ModelStore | None = None) -> ModelSource:
     """Find a model by store name or file path. Raises ModelNotFoundError with what to do next."""
     if isinstance(name_or_path, os.PathLike) or looks_like_path(str(name_or_path)):
-        path = Path(name_or_path).expanduser()
+        path = user_path(name_or_path)
         if not path.is_file():
             raise ModelNotFoundError(f"no model file at {path}")
         return ModelSource(name=path.name, path=path.resolve())

@@ -91,19 +91,14 @@ class LoadedModel:
 
     def generate(self, request: GenerateRequest) -> Iterator[GenerateResponse]:
         """Stream the answer to a generate request; the last chunk has done=True and the timings."""
-        job = self.start_generate(request)
-        if isinstance(job, GenerateResponse):
-            yield job
-            return
-        for update in self._run(job.sequence):
-            chunk = job.chunk(update)
-            if chunk is not None:
-                yield chunk
+        yield from self._answer(self.start_generate(request))
 
     def chat(self, request: ChatRequest) -> Iterator[ChatResponse]:
         """Stream the next assistant message; the last chunk has done=True and the timings."""
-        job = self.start_chat(request)
-        if isinstance(job, ChatResponse):
+        yield from self._answer(self.start_chat(request))
+
+    def _answer(self, job: Job | GenerateResponse | ChatResponse) -> Iterator[Any]:
+        if not isinstance(job, Job):  # answered at once (a load-only request)
             yield job
             return
         for update in self._run(job.sequence):

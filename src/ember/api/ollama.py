@@ -98,25 +98,23 @@ async def first_then_rest(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 @router.post("/api/generate", openapi_extra=schemas.GENERATE)
 async def generate(request: Request) -> Response:
-    body = await read_json(request)
-    native = build_request(GenerateRequest, **body)
-    check_caps(request, native.options)
-    priority = request.headers.get(PRIORITY_HEADER)
-    chunks = manager_of(request).generate(native, priority=priority, timeout=request.app.state.settings.request_timeout)
-    if not native.stream:
-        return JSONResponse(await collect_generate(chunks))
-    return ndjson(await first_then_rest(chunks))
+    native = build_request(GenerateRequest, **await read_json(request))
+    return await _answer(request, native, manager_of(request).generate, collect_generate)
 
 
 @router.post("/api/chat", openapi_extra=schemas.CHAT)
 async def chat(request: Request) -> Response:
-    body = await read_json(request)
-    native = build_request(ChatRequest, **body)
+    native = build_request(ChatRequest, **await read_json(request))
+    return await _answer(request, native, manager_of(request).chat, collect_chat)
+
+
+async def _answer(request: Request, native: Any, start: Any, collect: Any) -> Response:
+    """Run a generate or chat request: NDJSON chunks, or (stream false) the collected answer."""
     check_caps(request, native.options)
     priority = request.headers.get(PRIORITY_HEADER)
-    chunks = manager_of(request).chat(native, priority=priority, timeout=request.app.state.settings.request_timeout)
+    chunks = start(native, priority=priority, timeout=request.app.state.settings.request_timeout)
     if not native.stream:
-        return JSONResponse(await collect_chat(chunks))
+        return JSONResponse(await collect(chunks))
     return ndjson(await first_then_rest(chunks))
 
 

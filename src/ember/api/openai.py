@@ -169,6 +169,22 @@ def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
     return options
 
 
+def _finish_reason(final: Any) -> str:
+    return _FINISH.get(final.done_reason or "stop", "stop")
+
+
+def _collected(head: dict[str, Any], kind: str, choices: list[dict[str, Any]], finals: list[Any]) -> JSONResponse:
+    """A whole (non-streamed) answer: its choices and the usage summed over them."""
+    usage = _sum_usage([_usage(final) for final in finals])
+    return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage})
+
+
+def _stream_end(chunk_head: dict[str, Any], include_usage: bool, usages: list[dict[str, Any]]) -> bytes:
+    """The end of an SSE stream: the usage chunk when asked for, then `[DONE]`."""
+    usage = _sse({**chunk_head, "choices": [], "usage": _sum_usage(usages)}) if include_usage and usages else b""
+    return usage + _sse("[DONE]")
+
+
 def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
@@ -236,18 +252,11 @@ async def chat_completions(request: Request) -> Response:
                 "message": {"role": "assistant", "content": texts[i] or (None if calls[i] else "")}
                 | ({"tool_calls": [openai_tool_call(call) for call in calls[i]]} if calls[i] else {}),
                 "logprobs": chat_logprobs(logprobs[i] if base.logprobs else None),
-                "finish_reason": "tool_calls" if calls[i] else _FINISH.get(finals[i].done_reason or "stop", "stop"),
+                "finish_reason": "tool_calls" if calls[i] else _finish_reason(finals[i]),
             }
             for i in range(n)
         ]
-        return JSONResponse(
-            {
-                **head,
-                "object": "chat.completion",
-                "choices": choices,
-                "usage": _sum_usage([_usage(final) for final in finals]),
-            }
-        )
+        return _collected(head, "chat.completion", choices, finals)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[bytes]:
@@ -295,7 +304,7 @@ async def chat_completions(request: Request) -> Response:
                     )
                 if chunk.done:
                     usages.append(_usage(chunk))
-                    reason = "tool_calls" if calls_sent[index] else _FINISH.get(chunk.done_reason or "stop", "stop")
+                    reason = "tool_calls" if calls_sent[index] else _finish_reason(chunk)
                     yield _sse(
                         {
                             **chunk_head,
@@ -305,9 +314,7 @@ async def chat_completions(request: Request) -> Response:
         except EmberError as error:
             yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
             return
-        if include_usage and usages:
-            yield _sse({**chunk_head, "choices": [], "usage": _sum_usage(usages)})
-        yield _sse("[DONE]")
+        yield _stream_end(chunk_head, include_usage, usages)
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -364,18 +371,11 @@ async def completions(request: Request) -> Response:
                 "index": i,
                 "text": texts[i],
                 "logprobs": offsets.shape(i, logprobs[i]) if base.logprobs else None,
-                "finish_reason": _FINISH.get(finals[i].done_reason or "stop", "stop"),
+                "finish_reason": _finish_reason(finals[i]),
             }
             for i in range(n)
         ]
-        return JSONResponse(
-            {
-                **head,
-                "object": "text_completion",
-                "choices": choices,
-                "usage": _sum_usage([_usage(final) for final in finals]),
-            }
-        )
+        return _collected(head, "text_completion", choices, finals)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[bytes]:
@@ -391,7 +391,7 @@ async def completions(request: Request) -> Response:
         usages = []
         try:
             async for index, chunk in chunks:
-                reason = _FINISH.get(chunk.done_reason or "stop", "stop") if chunk.done else None
+                reason = _finish_reason(chunk) if chunk.done else None
                 if chunk.response or chunk.done or chunk.logprobs:
                     shaped = offsets.shape(index, entries_of(chunk)) if base.logprobs else None
                     yield _sse(
@@ -407,9 +407,7 @@ async def completions(request: Request) -> Response:
         except EmberError as error:
             yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
             return
-        if include_usage and usages:
-            yield _sse({**chunk_head, "choices": [], "usage": _sum_usage(usages)})
-        yield _sse("[DONE]")
+        yield _stream_end(chunk_head, include_usage, usages)
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     max_num_predict: int = Field(32768, ge=1, description="Cap on num_predict / max_tokens per request.")
     max_num_ctx: int = Field(131072, ge=256, description="Cap on num_ctx per request.")
     max_n: int = Field(8, ge=1, description="Cap on n (completions per request) in the OpenAI API.")
+    openai_token_encoding: str = Field(
+        "cl100k_base",
+        description="How /v1/embeddings reads token-id inputs: a tiktoken encoding (cl100k_base: what OpenAI "
+        "clients such as LangChain's OpenAIEmbeddings send), or `model` for the model's own token ids.",
+    )
 
     @property
     def host_and_port(self) -> tuple[str, int]:

@@ -34,10 +34,15 @@ class EmbedJob:
         self.name = request.model or model.name
         limit = model.options.num_ctx
         self.inputs: list[list[int]] = []
-        for index, text in enumerate(request.inputs()):
-            if not text:
+        for index, item in enumerate(request.inputs()):
+            if not item:
                 raise InvalidRequestError(f"input {index} is empty; give a non-empty text to embed")
-            tokens = model.prompts.tokenize_prompt(text)
+            if isinstance(item, str):
+                tokens = model.prompts.tokenize_prompt(item)
+            else:  # token ids of the model's own vocabulary
+                for token in item:
+                    model.model.validate_token(token)
+                tokens = list(item)
             if len(tokens) > limit:
                 if not request.truncate:
                     raise InvalidRequestError(

@@ -1,7 +1,8 @@
 """llama-cpp-python's call shapes on top of ember: `llm(prompt, ...)` and `llm.create_chat_completion(...)`.
 
 The guide's users write code against `llama_cpp.Llama`; these return the same OpenAI-style dicts, with
-llama-cpp-python's defaults for each argument, so that code keeps working with `ember.Model`.
+llama-cpp-python's defaults for each argument, so that code keeps working with `ember.Model`. Each call is a
+native request through `Model.answer`, the path every other call takes, collected by `ember.collect`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ember.engine.sequence import DoneReason, Sequence
+from ember.collect import AnswerCollector
 from ember.errors import InvalidRequestError
-from ember.prompt import grammar_for_format
+from ember.logprobs import completion_logprobs
+from ember.types import ChatRequest, GenerateRequest, build_request, to_messages
 
 if TYPE_CHECKING:
     from ember.model import Model
@@ -37,9 +39,10 @@ _SAMPLING_ARGUMENTS = (
     "mirostat_tau",
     "mirostat_eta",
 )
+_FINISH = {"stop": "stop", "length": "length"}
 
 
-def _sampling_layer(arguments: Mapping[str, Any]) -> dict[str, Any]:
+def _options(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """ember's sampling options from the sampling arguments of a llama-cpp-python style call."""
     layer = {_RENAMED.get(name, name): arguments[name] for name in _SAMPLING_ARGUMENTS}
     max_tokens = layer["num_predict"]
@@ -49,21 +52,9 @@ def _sampling_layer(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return layer
 
 
-def _finish_reason(sequence: Sequence) -> str | None:
-    if sequence.done_reason is DoneReason.LENGTH:
-        return "length"
-    if sequence.done_reason is DoneReason.STOP:
-        return "stop"
-    return None
-
-
-def _usage(sequence: Sequence) -> dict[str, int]:
-    prompt = len(sequence.prompt_tokens)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": sequence.eval_count,
-        "total_tokens": prompt + sequence.eval_count,
-    }
+def _usage(final: Any) -> dict[str, int]:
+    prompt = final.prompt_eval_count + final.prompt_cached_count
+    return {"prompt_tokens": prompt, "completion_tokens": final.eval_count, "total_tokens": prompt + final.eval_count}
 
 
 def create_completion(
@@ -90,47 +81,63 @@ def create_completion(
     logprobs: int | None = None,
     grammar: str | None = None,
 ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    if suffix:
-        raise InvalidRequestError("suffix (fill-in-the-middle) is not supported; put the text in the prompt")
-    if logprobs:
-        raise InvalidRequestError("logprobs are not available from ember.Model(...) calls yet")
-    sampling = model.sampling(**_sampling_layer(locals()))
-    loaded = model.loaded
-    tokens = loaded.prompts.tokenize_prompt(prompt)
-    updates = loaded.complete_tokens(tokens, sampling, grammar)
-    completion_id = f"cmpl-{uuid.uuid4()}"
-    created = int(time.time())
+    """llama-cpp-python's `Llama.create_completion` (and `__call__`): a raw completion of the prompt, as a
+    native generate request on the model (`suffix` fills in the middle on a model with FIM tokens)."""
+    request = build_request(
+        GenerateRequest,
+        model=model.name,
+        prompt=prompt,
+        suffix=suffix or None,
+        raw=True,
+        truncate=False,
+        options=_options(locals()),
+        grammar=grammar,
+        logprobs=logprobs is not None,
+        top_logprobs=logprobs or 0,
+    )
+    chunks = model.answer(request)
+    completion_id, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+    start = len(prompt) if echo else 0
 
-    def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
+    def chunk(text: str, finish_reason: str | None, entries: Any = None, at: int = 0) -> dict[str, Any]:
+        shaped = completion_logprobs(entries, at) if logprobs is not None else None
+        choice = {"text": text, "index": 0, "logprobs": shaped, "finish_reason": finish_reason}
         return {
             "id": completion_id,
             "object": "text_completion",
             "created": created,
             "model": model.name,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [choice],
         }
+
+    def entries_of(part: Any) -> list[dict[str, Any]]:
+        return [entry.model_dump() for entry in part.logprobs or ()]
 
     if stream:
 
-        def chunks() -> Iterator[dict[str, Any]]:
+        def parts() -> Iterator[dict[str, Any]]:
+            offset = start
             if echo:
                 yield chunk(prompt, None)
-            for update in updates:
-                if update.text:
-                    yield chunk(update.text, None)
-                if update.done:
-                    yield chunk("", _finish_reason(update.sequence))
+            for part in chunks:
+                finish = _FINISH.get(part.done_reason or "stop", "stop") if part.done else None
+                if part.response or part.done:
+                    yield chunk(part.response, finish, entries_of(part), offset)
+                offset += len(part.response)
 
-        return chunks()
+        return parts()
 
-    parts = [prompt] if echo else []
-    last = None
-    for update in updates:
-        parts.append(update.text)
-        last = update
-    assert last is not None
-    result = chunk("".join(parts), _finish_reason(last.sequence))
-    result["usage"] = _usage(last.sequence)
+    collector = AnswerCollector()
+    for part in chunks:
+        collector.add(part)
+    answer = collector.result()
+    result = chunk(
+        (prompt if echo else "") + answer.response,
+        _FINISH.get(answer.done_reason or "stop", "stop"),
+        entries_of(answer),
+        start,
+    )
+    result["usage"] = _usage(answer)
     return result
 
 
@@ -155,69 +162,46 @@ def create_chat_completion(
     mirostat_tau: float = 5.0,
     mirostat_eta: float = 0.1,
 ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    from ember.types import to_messages
+    """llama-cpp-python's `Llama.create_chat_completion`, as a native chat request on the model."""
+    request = build_request(
+        ChatRequest,
+        model=model.name,
+        messages=to_messages(messages),
+        truncate=False,
+        options=_options(locals()),
+        format=_format_of(response_format),
+    )
+    chunks = model.answer(request)
+    header = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model.name}
 
-    sampling = model.sampling(**_sampling_layer(locals()))
-    loaded = model.loaded
-    conversation = loaded.prompts.chat_messages(to_messages(messages), None)
-    tokens = loaded.prompts.chat_tokens(conversation, num_ctx=loaded.options.num_ctx, sampling=sampling, truncate=False)
-    updates = loaded.complete_tokens(tokens, sampling, grammar_for_format(_format_of(response_format)))
-    completion_id = f"chatcmpl-{uuid.uuid4()}"
-    created = int(time.time())
-    header = {"id": completion_id, "created": created, "model": model.name}
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**header, "object": "chat.completion.chunk", "choices": [choice]}
 
     if stream:
 
-        def chunks() -> Iterator[dict[str, Any]]:
-            yield {
-                **header,
-                "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
-            }
-            for update in updates:
-                if update.text:
-                    yield {
-                        **header,
-                        "object": "chat.completion.chunk",
-                        "choices": [
-                            {"index": 0, "delta": {"content": update.text}, "logprobs": None, "finish_reason": None}
-                        ],
-                    }
-                if update.done:
-                    yield {
-                        **header,
-                        "object": "chat.completion.chunk",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {},
-                                "logprobs": None,
-                                "finish_reason": _finish_reason(update.sequence),
-                            }
-                        ],
-                    }
+        def parts() -> Iterator[dict[str, Any]]:
+            yield chunk({"role": "assistant"}, None)
+            for part in chunks:
+                if part.message.content:
+                    yield chunk({"content": part.message.content}, None)
+                if part.done:
+                    yield chunk({}, _FINISH.get(part.done_reason or "stop", "stop"))
 
-        return chunks()
+        return parts()
 
-    parts = []
-    last = None
-    for update in updates:
-        parts.append(update.text)
-        last = update
-    assert last is not None
-    return {
-        **header,
-        "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts)},
-                "logprobs": None,
-                "finish_reason": _finish_reason(last.sequence),
-            }
-        ],
-        "usage": _usage(last.sequence),
+    collector = AnswerCollector()
+    for part in chunks:
+        collector.add(part)
+    answer = collector.result()
+    message = {"role": "assistant", "content": answer.message.content}
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": None,
+        "finish_reason": _FINISH.get(answer.done_reason or "stop", "stop"),
     }
+    return {**header, "object": "chat.completion", "choices": [choice], "usage": _usage(answer)}
 
 
 def _format_of(response_format: Mapping[str, Any] | None) -> str | dict[str, Any] | None:

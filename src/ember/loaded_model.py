@@ -23,6 +23,7 @@ from ember.options import SAMPLING_OPTION_NAMES, LoadOptions, SamplingOptions, s
 from ember.prompt import PromptBuilder, grammar_for_format
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.resolve import ModelSource
+from ember.thinking import ThinkingParser, prompt_opens_thinking, template_thinks
 from ember.tools import ToolCallParser, ToolPlan
 from ember.types import (
     ChatRequest,
@@ -32,6 +33,7 @@ from ember.types import (
     GenerateRequest,
     GenerateResponse,
     Message,
+    ThinkSpec,
     to_messages,
 )
 
@@ -112,19 +114,29 @@ class LoadedModel:
         sampling = self.sampling_for(request.options)
         if request.images:
             raise InvalidRequestError(f"model '{self.name}' does not support images; send text only")
-        if not request.prompt and not request.context:
+        if not request.prompt and not request.context and not request.suffix:
             return GenerateResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
-        if request.raw:
-            tokens = self.prompts.tokenize_prompt(request.prompt)
+        thinking = None
+        if request.suffix:
+            fim = self.model.fim_tokens()
+            if fim is None:
+                raise InvalidRequestError(f'"{request.model or self.name}" does not support insert (no FIM tokens)')
+            tokens = self.prompts.insertion_tokens(request.prompt, request.suffix, fim)
+        elif request.raw:
+            tokens = self.prompts.tokenize_prompt(request.prompt) if request.prompt else []
         else:
             conversation = self.prompts.chat_messages([Message(role="user", content=request.prompt)], request.system)
-            text = self.prompts.render_chat(conversation, template=request.template)
+            think = self._think(request.think, request.template)
+            text = self.prompts.render_chat(conversation, template=request.template, think=think)
             tokens = self.prompts.tokenize_prompt(text)
+            thinking = ThinkingParser(opened=prompt_opens_thinking(text)) if think else None
         if request.context:
             tokens = list(request.context) + tokens
-        tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=request.truncate)
-        sequence = self._submit(tokens, sampling, grammar_for_format(request.format), requested_logprobs(request))
-        return Job(self, "generate", sequence, started)
+        truncate = request.truncate is not False
+        tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
+        grammar = request.grammar or grammar_for_format(request.format)
+        sequence = self._submit(tokens, sampling, grammar, requested_logprobs(request))
+        return Job(self, "generate", sequence, started, thinking=thinking)
 
     def start_chat(self, request: ChatRequest) -> Job | ChatResponse:
         """Submit a chat request to the engine; a request with no messages gets its answer now."""
@@ -138,18 +150,29 @@ class LoadedModel:
         conversation = self.prompts.chat_messages(messages, None)
         template_source = request.template or self.prompts.template_source
         plan = ToolPlan.for_request(request.tools, request.tool_choice, template_source)
-        tokens = self.prompts.chat_tokens(
+        think = self._think(request.think, request.template)
+        prompt = self.prompts.fit_chat(
             plan.conversation(conversation),
             num_ctx=self.options.num_ctx,
             sampling=sampling,
-            truncate=request.truncate,
+            truncate=request.truncate is not False,
             template=request.template,
             tools=plan.template_tools(),
+            think=think,
         )
-        sequence = self._submit(
-            tokens, sampling, plan.grammar() or grammar_for_format(request.format), requested_logprobs(request)
+        grammar = plan.grammar() or request.grammar or grammar_for_format(request.format)
+        sequence = self._submit(prompt.tokens, sampling, grammar, requested_logprobs(request))
+        thinking = ThinkingParser(opened=prompt_opens_thinking(prompt.text)) if think else None
+        return Job(
+            self, "chat", sequence, started, tool_parser=plan.parser(), thinking=thinking, dropped=prompt.dropped
         )
-        return Job(self, "chat", sequence, started, tool_parser=plan.parser())
+
+    def _think(self, think: ThinkSpec, template: str | None) -> ThinkSpec:
+        """The request's `think` where the template thinks at all (a template without thinking tags never
+        gets told to think, and its answer is never read for them)."""
+        if not template_thinks(template or self.prompts.template_source):
+            return None
+        return think
 
     def complete_tokens(
         self, tokens: list[int], sampling: SamplingOptions, grammar: str | None = None, truncate: bool = False
@@ -234,12 +257,21 @@ class Job:
         started_ns: int,
         *,
         tool_parser: ToolCallParser | None = None,
+        thinking: ThinkingParser | None = None,
+        dropped: int = 0,
     ) -> None:
         self.model = model
         self.kind = kind
         self.sequence = sequence
         self.started_ns = started_ns
         self.tool_parser = tool_parser  # a chat with tools: the text goes through it (see ember.tools)
+        self.thinking = thinking  # a thinking model: its <think> part is split from the answer first
+        self.dropped = dropped  # messages truncation left out
+
+    @property
+    def parses_text(self) -> bool:
+        """Whether the answer's text goes through a parser (so the runner sends chunks, not plain text)."""
+        return self.tool_parser is not None or self.thinking is not None
 
     def chunk(self, update: SequenceUpdate) -> GenerateResponse | ChatResponse | None:
         """The response chunk for an update: text as it comes, then the final chunk with the timings."""
@@ -247,45 +279,42 @@ class Job:
             raise EngineError(update.sequence.error or "generation failed")
         if not update.done and not update.text and update.logprob is None:
             return None
+        text, thinking, calls = update.text, "", None
+        if self.thinking is not None:
+            thinking, text = self.thinking.push(text, final=update.done)
+        if self.tool_parser is not None:
+            text, calls = self.tool_parser.push(text, final=update.done)
+        if not update.done and not text and not thinking and not calls and update.logprob is None:
+            return None
         name = self.model.name
+        logprobs = logprob_entries(self.model.model, update)
+        final: dict[str, Any] = {}
+        if update.done:
+            final = {"done": True, "done_reason": _done_reason(self.sequence)}
+            final.update(self.model._metrics(self.started_ns, self.sequence))
         if self.kind == "chat":
-            text, calls = update.text, None
-            if self.tool_parser is not None:
-                text, calls = self.tool_parser.push(update.text, final=update.done)
-                if not update.done and not text and not calls and update.logprob is None:
-                    return None
-            message = Message(role="assistant", content=text, tool_calls=calls or None)
-            if not update.done:
-                return ChatResponse(model=name, message=message, logprobs=logprob_entries(self.model.model, update))
-            return ChatResponse(
-                model=name,
-                message=message,
-                done=True,
-                done_reason=_done_reason(self.sequence),
-                logprobs=logprob_entries(self.model.model, update),
-                **self.model._metrics(self.started_ns, self.sequence),
-            )
-        if not update.done:
-            logprobs = logprob_entries(self.model.model, update)
-            return GenerateResponse(model=name, response=update.text, logprobs=logprobs)
-        return GenerateResponse(
-            model=name,
-            response=update.text,
-            done=True,
-            done_reason=_done_reason(self.sequence),
-            context=self.sequence.prompt_tokens + self.sequence.output_tokens,
-            logprobs=logprob_entries(self.model.model, update),
-            **self.model._metrics(self.started_ns, self.sequence),
-        )
+            message = Message(role="assistant", content=text, thinking=thinking or None, tool_calls=calls or None)
+            if update.done and self.dropped:
+                final["truncated_messages"] = self.dropped
+            return ChatResponse(model=name, message=message, logprobs=logprobs, **final)
+        if update.done:
+            final["context"] = self.sequence.prompt_tokens + self.sequence.output_tokens
+        return GenerateResponse(model=name, response=text, thinking=thinking or None, logprobs=logprobs, **final)
 
     def stream_parts(self, update: SequenceUpdate) -> tuple[str, dict[str, Any] | None]:
-        """For a chat with tools, a not-final update as the runner sends it: plain text, or a chunk with calls."""
+        """A not-final update of a parsed answer as the runner sends it: plain text, or a chunk with tool calls
+        or thinking."""
         chunk = self.chunk(update)
         if chunk is None:
             return "", None
-        if chunk.message.tool_calls:
-            return "", chunk.model_dump()
-        return chunk.message.content, None
+        # Without its logprobs: the runner sends the token's logprob entry with a text event of its own.
+        if isinstance(chunk, ChatResponse):
+            if chunk.message.tool_calls or chunk.message.thinking:
+                return "", chunk.model_dump(exclude={"logprobs"})
+            return chunk.message.content, None
+        if chunk.thinking:
+            return "", chunk.model_dump(exclude={"logprobs"})
+        return chunk.response, None
 
 
 def _done_reason(sequence: Sequence) -> str:

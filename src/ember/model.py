@@ -21,9 +21,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, overload
 
 from ember import llama_compat
+from ember.collect import collect
 from ember.errors import InvalidOptionError
 from ember.loaded_model import LoadedModel
 from ember.options import LOAD_OPTION_NAMES, LoadOptions, SamplingOptions, load_options, sampling_options
+from ember.serve.resolve import apply_defaults
 from ember.store.gguf_file import GGUFInfo
 from ember.store.resolve import ModelSource, resolve_model
 from ember.types import (
@@ -34,6 +36,7 @@ from ember.types import (
     GenerateResponse,
     Message,
     Metrics,
+    ThinkSpec,
     build_request,
     to_messages,
 )
@@ -128,6 +131,8 @@ class Model:
         self,
         prompt: str = "",
         *,
+        suffix: str | None = None,
+        think: ThinkSpec = None,
         system: str | None = None,
         template: str | None = None,
         raw: bool = False,
@@ -139,11 +144,15 @@ class Model:
         options: Mapping[str, Any] | None = None,
         **option_kwargs: Any,
     ) -> GenerateResponse | Iterator[GenerateResponse]:
-        """Answer a prompt (wrapped in the chat template unless raw=True). Options by keyword or `options`."""
+        """Answer a prompt (wrapped in the chat template unless raw=True). Options by keyword or `options`.
+        `suffix` fills in the middle (models with FIM tokens); `think` as in Ollama (a thinking model thinks
+        unless told False; the reasoning comes back as `thinking`)."""
         request = build_request(
             GenerateRequest,
             model=self.name,
             prompt=prompt,
+            suffix=suffix,
+            think=think,
             system=system,
             template=template,
             raw=raw,
@@ -154,8 +163,8 @@ class Model:
             truncate=truncate,
             options=self._request_options(options, option_kwargs),
         )
-        chunks = self._with_reload(request.options, lambda loaded: loaded.generate(request))
-        return chunks if stream else _collect_generate(chunks)
+        chunks = self.answer(request)
+        return chunks if stream else collect(chunks)
 
     @overload
     def chat(self, messages: Iterable[Any], *, stream: Literal[False] = ..., **kwargs: Any) -> ChatResponse: ...
@@ -170,6 +179,7 @@ class Model:
         tool_choice: str | dict[str, Any] | None = None,
         format: FormatSpec = None,
         template: str | None = None,
+        think: ThinkSpec = None,
         stream: bool = False,
         truncate: bool = False,
         options: Mapping[str, Any] | None = None,
@@ -184,12 +194,21 @@ class Model:
             tool_choice=tool_choice,
             format=format,
             template=template,
+            think=think,
             stream=stream,
             truncate=truncate,
             options=self._request_options(options, option_kwargs),
         )
-        chunks = self._with_reload(request.options, lambda loaded: loaded.chat(request))
-        return chunks if stream else _collect_chat(chunks)
+        chunks = self.answer(request)
+        return chunks if stream else collect(chunks)
+
+    def answer(self, request: GenerateRequest | ChatRequest) -> Iterator[Any]:
+        """Stream the chunks of a native request on this model: resolved as the server resolves it (Ollama's
+        defaults, capability checks), loading the model again first if it names other load options."""
+        request = apply_defaults(request, self.source)
+        if isinstance(request, ChatRequest):
+            return self._with_reload(request.options, lambda loaded: loaded.chat(request))
+        return self._with_reload(request.options, lambda loaded: loaded.generate(request))
 
     # --- llama-cpp-python-style calls ----------------------------------------------------------------
 
@@ -263,27 +282,6 @@ def _rename_llama_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in kwargs.items():
         renamed[_LLAMA_LOAD_ALIASES.get(key, key)] = value
     return renamed
-
-
-def _collect_generate(chunks: Iterator[GenerateResponse]) -> GenerateResponse:
-    parts: list[str] = []
-    for chunk in chunks:
-        parts.append(chunk.response)
-        if chunk.done:
-            return chunk.model_copy(update={"response": "".join(parts)})
-    raise RuntimeError("generation ended without a final chunk")
-
-
-def _collect_chat(chunks: Iterator[ChatResponse]) -> ChatResponse:
-    parts: list[str] = []
-    calls: list[Any] = []
-    for chunk in chunks:
-        parts.append(chunk.message.content)
-        calls.extend(chunk.message.tool_calls or ())
-        if chunk.done:
-            message = Message(role="assistant", content="".join(parts), tool_calls=calls or None)
-            return chunk.model_copy(update={"message": message})
-    raise RuntimeError("chat ended without a final chunk")
 
 
 __all__ = ["Metrics", "Model"]

@@ -147,6 +147,24 @@ def _check_names(values: Mapping[str, Any]) -> dict[str, Any]:
     return known
 
 
+def known_options(values: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Options as Ollama's HTTP API takes them: an unknown name is logged and ignored (Ollama warns "invalid
+    option provided" and goes on; Open WebUI sends its own custom parameters there), the known ones are kept
+    and validated later like any option. The Python API stays strict: a typo there is an error."""
+    if values is None:
+        return None
+    kept = {}
+    for name, value in values.items():
+        if name in ALL_OPTION_NAMES:
+            kept[name] = value
+        elif name in IGNORED_OLLAMA_OPTIONS:
+            log.warning("option %s has no effect in ember (Ollama ignores it too)", name)
+        else:
+            close = difflib.get_close_matches(name, sorted(ALL_OPTION_NAMES), n=1)
+            log.warning("ignoring unknown option %r%s", name, f" (did you mean {close[0]}?)" if close else "")
+    return kept
+
+
 def _merge(layers: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for layer in layers:

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ember.chat_template import CHATML_TEMPLATE, ChatTemplate
 from ember.engine.llamacpp import JSON_GRAMMAR, LlamaModel, json_schema_grammar
 from ember.errors import ContextOverflowError, InvalidRequestError
 from ember.options import SamplingOptions
-from ember.types import Message
+from ember.types import Message, ThinkSpec
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation rendered and tokenized to fit the context window."""
+
+    tokens: list[int]
+    text: str  # the rendered prompt (a thinking template may end it inside the thinking part)
+    dropped: int = 0  # the oldest messages left out so that it fits
+
+
+def _think_variables(think: ThinkSpec) -> dict[str, Any]:
+    """How templates are told whether to think: Hugging Face's `enable_thinking` (Qwen 3 and others), and
+    `reasoning_effort` for a level (gpt-oss). Not set: the template's own default."""
+    if think is None:
+        return {}
+    variables: dict[str, Any] = {"enable_thinking": bool(think)}
+    if isinstance(think, str):
+        variables["reasoning_effort"] = "high" if think == "max" else think
+    return variables
 
 
 class PromptBuilder:
@@ -65,9 +86,11 @@ class PromptBuilder:
         *,
         template: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        think: ThinkSpec = None,
     ) -> str:
         compiled = self._compile(template) if template else self.template
-        return compiled.render([message.template_view() for message in messages], tools=tools)
+        views = [message.template_view() for message in messages]
+        return compiled.render(views, tools=tools, **_think_variables(think))
 
     def chat_tokens(
         self,
@@ -80,19 +103,55 @@ class PromptBuilder:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Render and tokenize a conversation. With `truncate`, the oldest turns are dropped to fit."""
+        prompt = self.fit_chat(
+            messages, num_ctx=num_ctx, sampling=sampling, truncate=truncate, template=template, tools=tools
+        )
+        return prompt.tokens
+
+    def fit_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        num_ctx: int,
+        sampling: SamplingOptions,
+        truncate: bool,
+        template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        think: ThinkSpec = None,
+    ) -> ChatPrompt:
+        """Render and tokenize a conversation. With `truncate`, the oldest turns go until it fits (as Ollama
+        does, the system messages and the last message always stay); `dropped` says how many went."""
         conversation = list(messages)
-        tokens = self.tokenize_prompt(self.render_chat(conversation, template=template, tools=tools))
+
+        def render() -> tuple[str, list[int]]:
+            text = self.render_chat(conversation, template=template, tools=tools, think=think)
+            return text, self.tokenize_prompt(text)
+
+        text, tokens = render()
         if len(tokens) < num_ctx:
-            return tokens
+            return ChatPrompt(tokens, text)
         if not truncate:
             raise ContextOverflowError(len(tokens), num_ctx)
         limit = _truncation_limit(num_ctx, sampling)
+        dropped = 0
         while len(tokens) > limit:
             droppable = [i for i, m in enumerate(conversation) if m.role != "system"][:-1]
             if not droppable:
                 raise ContextOverflowError(len(tokens), num_ctx)
             del conversation[droppable[0]]
-            tokens = self.tokenize_prompt(self.render_chat(conversation, template=template, tools=tools))
+            dropped += 1
+            text, tokens = render()
+        return ChatPrompt(tokens, text, dropped)
+
+    def insertion_tokens(self, prefix: str, suffix: str, fim: tuple[int, int, int]) -> list[int]:
+        """Fill in the middle: <prefix token> prefix <suffix token> suffix <middle token>, as llama.cpp's
+        server builds an infill prompt; the model writes what goes between."""
+        pre, suf, mid = fim
+        text = self.model.tokenize
+        tokens = [pre, *text(prefix, add_special=False, parse_special=False)]
+        tokens += [suf, *text(suffix, add_special=False, parse_special=False), mid]
+        if self.model.add_bos and self.model.bos_token >= 0:
+            tokens.insert(0, self.model.bos_token)
         return tokens
 
     def fit(self, tokens: list[int], *, num_ctx: int, sampling: SamplingOptions, truncate: bool) -> list[int]:

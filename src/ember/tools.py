@@ -288,8 +288,10 @@ class ToolCallParser:
                 emit(buffer[:end])
                 continue
             emit(buffer[:start].rstrip())
+            for call in found:  # numbered in the order they come, as Ollama's function.index
+                call.function.index = len(self.calls)
+                self.calls.append(call)
             items.extend(found)
-            self.calls.extend(found)
             self._after_call = True
             if not final:  # what follows waits for the next piece, so that text never comes after calls
                 break

@@ -37,6 +37,7 @@ class _Subscriptable(BaseModel):
 class ToolCallFunction(_Subscriptable):
     name: str
     arguments: dict[str, Any] = Field(default_factory=dict)
+    index: int | None = None  # the call's place among the answer's calls (Ollama's function.index)
 
 
 class ToolCall(_Subscriptable):
@@ -51,6 +52,7 @@ class Message(_Subscriptable):
 
     role: Role
     content: str = ""
+    thinking: str | None = None  # the model's reasoning, apart from its answer (a thinking model's <think> part)
     images: list[str] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_name: str | None = None
@@ -59,6 +61,8 @@ class Message(_Subscriptable):
     def template_view(self) -> dict[str, Any]:
         """The message as a chat template expects it."""
         view: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking:  # Ollama's templates read .Thinking; Hugging Face ones reasoning_content
+            view["thinking"] = view["reasoning_content"] = self.thinking
         if self.tool_calls:
             # Hugging Face templates expect {"type": "function", "function": {"name", "arguments": {...}}}
             view["tool_calls"] = [{"type": "function", **c.model_dump(exclude_none=True)} for c in self.tool_calls]
@@ -90,6 +94,8 @@ def to_messages(messages: Any) -> list[Message]:
 
 
 FormatSpec = str | dict[str, Any] | None
+ThinkLevel = Literal["low", "medium", "high", "max"]
+ThinkSpec = bool | ThinkLevel | None
 
 
 class _Request(BaseModel):
@@ -100,16 +106,27 @@ class _Request(BaseModel):
     options: dict[str, Any] | None = Field(None, description="Load and sampling options (Ollama's names).")
     stream: bool = Field(True, description="Stream the answer in chunks.")
     keep_alive: str | float | None = Field(None, description="How long the model stays loaded afterwards.")
-    truncate: bool = Field(False, description="Drop the oldest part of an over-long prompt instead of failing.")
+    truncate: bool | None = Field(
+        None,
+        description="Drop the oldest part of an over-long prompt instead of failing; not set (null) means true, "
+        "as in Ollama.",
+    )
+    think: ThinkSpec = Field(
+        None,
+        description="A thinking model thinks first (true, or low/medium/high/max); false asks it not to. "
+        "Not set: a thinking model thinks.",
+    )
     priority: str | int | None = Field(None, description="high, normal (default) or low: the order in the queue.")
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
     top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: the most likely tokens at each position.")
+    grammar: str | None = Field(None, description="A GBNF grammar the answer follows (llama-cpp-python's calls).")
 
 
 class GenerateRequest(_Request):
     """A completion of one prompt, by default wrapped in the model's chat template (raw=False)."""
 
     prompt: str = ""
+    suffix: str | None = Field(None, description="Text after the insertion point: fill in the middle (FIM).")
     system: str | None = Field(None, description="System prompt, replacing the model's own.")
     template: str | None = Field(None, description="Chat template (Jinja), replacing the model's own.")
     raw: bool = Field(False, description="Send the prompt as is, without the chat template.")
@@ -191,6 +208,7 @@ class GenerateResponse(Metrics):
     model: str
     created_at: str = Field(default_factory=now_rfc3339)
     response: str = ""
+    thinking: str | None = None  # a thinking model's reasoning, apart from the response
     done: bool = False
     done_reason: DoneReasonName | None = None
     context: list[int] | None = None
@@ -206,6 +224,7 @@ class ChatResponse(Metrics):
     done: bool = False
     done_reason: DoneReasonName | None = None
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
+    truncated_messages: int | None = None  # ember's addition, on the last chunk: oldest messages dropped to fit
 
 
 class EmbedRequest(BaseModel):
@@ -214,15 +233,17 @@ class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = ""
-    input: str | list[str] = Field("", description="A text, or a list of texts, to embed.")
+    input: str | list[str | list[int]] = Field(
+        "", description="A text, or a list of inputs to embed: texts, or token ids of the model's vocabulary."
+    )
     truncate: bool = Field(True, description="Cut an input longer than the context instead of failing.")
     dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions (then normalized).")
     options: dict[str, Any] | None = Field(None, description="Load options (Ollama's names).")
     keep_alive: str | float | None = Field(None, description="How long the model stays loaded afterwards.")
     priority: str | int | None = Field(None, description="high, normal (default) or low: the order in the queue.")
 
-    def inputs(self) -> list[str]:
-        """The texts to embed: an empty string alone means none (the request only loads the model)."""
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs to embed: an empty string alone means none (the request only loads the model)."""
         if isinstance(self.input, str):
             return [self.input] if self.input else []
         return list(self.input)

@@ -1,8 +1,10 @@
 """The HTTP server: one FastAPI app with the Ollama API, the OpenAI API and ember's own routes.
 
-Every route translates its request into ember's native request types and goes through one ModelManager, so
-the Ollama and OpenAI routes share one code path. Errors leave as `{"error": "..."}` (OpenAI routes: OpenAI's
-error object) with the status the EmberError carries; nothing else, and never a traceback.
+Every route reads its body into a protocol model (ollama_protocol.py, openai_protocol.py,
+anthropic_protocol.py), turns it into ember's native request type and goes through one ModelManager, which
+resolves and validates it (serve/resolve.py), so the Ollama, OpenAI and Anthropic routes share one code path.
+Errors leave as `{"error": "..."}` (OpenAI routes: OpenAI's error object; Anthropic routes: Anthropic's) with
+the status the EmberError carries; nothing else, and never a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,10 +20,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember import __version__
+from ember.api.anthropic import error_type, is_anthropic_path
 from ember.api.security import install_security
 from ember.config import Settings
 from ember.errors import EmberError, ServerBusyError
 from ember.serve.manager import ModelManager, parse_keep_alive
+from ember.serve.resolve import Limits
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,7 @@ def create_manager(settings: Settings) -> ModelManager:
         keep_alive=parse_keep_alive(settings.keep_alive, 300.0),
         max_loaded=settings.max_loaded_models,
         max_queued=settings.max_queue,
+        limits=Limits.from_settings(settings),
     )
 
 
@@ -55,9 +61,10 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     install_security(app, settings)
     _install_error_handlers(app)
 
-    from ember.api import embeddings, native, ollama, ollama_models, openai
+    from ember.api import anthropic, embeddings, native, ollama, ollama_models, openai
 
     app.include_router(ollama.router)
+    app.include_router(anthropic.router)
     app.include_router(ollama_models.router)
     app.include_router(openai.router)
     app.include_router(native.router)
@@ -69,14 +76,20 @@ def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/")
 
 
+def error_body(path: str, status: int, message: str, kind: str | None = None) -> dict[str, Any]:
+    """An error in the shape of the API the path belongs to: Anthropic's, OpenAI's, or Ollama's."""
+    if is_anthropic_path(path):
+        return {"type": "error", "error": {"type": error_type(status), "message": message}}
+    if is_openai_path(path):
+        error_type_name = kind or ("invalid_request_error" if status < 500 else "server_error")
+        return {"error": {"message": message, "type": error_type_name, "param": None, "code": None}}
+    return {"error": message}
+
+
 def error_response(
     request: Request, status: int, message: str, headers: dict[str, str] | None = None, kind: str | None = None
 ) -> JSONResponse:
-    if is_openai_path(request.url.path):
-        error_type = kind or ("invalid_request_error" if status < 500 else "server_error")
-        body = {"error": {"message": message, "type": error_type, "param": None, "code": None}}
-        return JSONResponse(body, status_code=status, headers=headers)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse(error_body(request.url.path, status, message, kind), status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 
 from ember.api import schemas
-from ember.api.ollama import chunk_json, manager_of, read_json
+from ember.api.bodies import parse, read_json
+from ember.api.ollama import chunk_json, manager_of
+from ember.api.ollama_protocol import OllamaChatRequest, OllamaGenerateRequest
 from ember.errors import EmberError, InvalidRequestError
 from ember.store.resolve import resolve_model
-from ember.types import ChatRequest, GenerateRequest, build_request
 
 router = APIRouter()
 
@@ -75,7 +76,9 @@ async def detokenize(request: Request) -> dict[str, Any]:
 @router.websocket("/api/ws")
 async def stream_socket(socket: WebSocket) -> None:
     """Each message `{"type": "generate"|"chat", ...request}` is answered by chunk messages (Ollama's shape),
-    the last with done=true; `{"type": "cancel"}` stops the current answer; errors arrive as {"error": ...}."""
+    the last with done=true; `{"type": "cancel"}` stops the current answer; errors arrive as {"error": ...}.
+    A request is read like the HTTP route's body and goes through the same manager, so the same checks and
+    caps apply."""
     await socket.accept()
     manager = socket.app.state.manager
     current: asyncio.Task[None] | None = None
@@ -84,9 +87,9 @@ async def stream_socket(socket: WebSocket) -> None:
         kind = payload.pop("type", "generate")
         try:
             if kind == "chat":
-                chunks = manager.chat(build_request(ChatRequest, **payload))
+                chunks = manager.chat(parse(OllamaChatRequest, payload).to_native())
             elif kind == "generate":
-                chunks = manager.generate(build_request(GenerateRequest, **payload))
+                chunks = manager.generate(parse(OllamaGenerateRequest, payload).to_native())
             else:
                 raise InvalidRequestError(f"unknown message type {kind!r}: use generate, chat or cancel")
             async for chunk in chunks:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -18,55 +17,39 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember import __version__
 from ember.api import schemas
+from ember.api.bodies import parse_body, read_json
+from ember.api.ollama_protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaModelRequest
+from ember.capabilities import model_capabilities
+from ember.collect import collect_async
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
 from ember.serve.manager import ModelManager
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.pull import format_parameter_count
-from ember.store.resolve import resolve_model
+from ember.store.resolve import ModelSource, resolve_model
 from ember.store.store import ModelStore
-from ember.types import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Message, build_request
+from ember.types import ChatResponse, GenerateResponse
+
+__all__ = ["PRIORITY_HEADER", "chunk_json", "first_then_rest", "manager_of", "read_json", "router"]
 
 router = APIRouter()
 PRIORITY_HEADER = "x-ember-priority"
-
-
-async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    body = await request.body()
-    if not body.strip():
-        return {}
-    try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidRequestError(f"the request body is not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    return value
 
 
 def manager_of(request: Request) -> ModelManager:
     return request.app.state.manager
 
 
-def check_caps(request: Request, options: dict[str, Any] | None) -> None:
-    settings = request.app.state.settings
-    if not options:
-        return
-    for name, cap in (("num_predict", settings.max_num_predict), ("num_ctx", settings.max_num_ctx)):
-        value = options.get(name)
-        if isinstance(value, int) and value > cap:
-            raise InvalidRequestError(f"{name}={value} is above this server's limit of {cap}")
-
-
 def chunk_json(chunk: GenerateResponse | ChatResponse) -> dict[str, Any]:
+    """A chunk as Ollama writes it: the text (and thinking, tool calls, logprobs) of a part, or the last
+    chunk whole, with its timings."""
     if not chunk.done:
-        data = {"model": chunk.model, "created_at": chunk.created_at, "done": False}
+        data: dict[str, Any] = {"model": chunk.model, "created_at": chunk.created_at, "done": False}
         if isinstance(chunk, GenerateResponse):
             data["response"] = chunk.response
+            if chunk.thinking:
+                data["thinking"] = chunk.thinking
         else:
-            data["message"] = {"role": "assistant", "content": chunk.message.content}
-            if chunk.message.tool_calls:
-                data["message"]["tool_calls"] = [c.model_dump(exclude_none=True) for c in chunk.message.tool_calls]
+            data["message"] = chunk.message.model_dump(exclude_none=True)
         if chunk.logprobs is not None:
             data["logprobs"] = [entry.model_dump() for entry in chunk.logprobs]
         return data
@@ -96,50 +79,35 @@ async def first_then_rest(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
     return rest()
 
 
-@router.post("/api/generate", openapi_extra=schemas.GENERATE)
+@router.post("/api/generate", openapi_extra=schemas.model_body(OllamaGenerateRequest))
 async def generate(request: Request) -> Response:
-    native = build_request(GenerateRequest, **await read_json(request))
-    return await _answer(request, native, manager_of(request).generate, collect_generate)
+    native = (await parse_body(request, OllamaGenerateRequest)).to_native()
+    return await _answer(request, native, manager_of(request).generate)
 
 
-@router.post("/api/chat", openapi_extra=schemas.CHAT)
+@router.post("/api/chat", openapi_extra=schemas.model_body(OllamaChatRequest))
 async def chat(request: Request) -> Response:
-    native = build_request(ChatRequest, **await read_json(request))
-    return await _answer(request, native, manager_of(request).chat, collect_chat)
+    native = (await parse_body(request, OllamaChatRequest)).to_native()
+    return await _answer(request, native, manager_of(request).chat)
 
 
-async def _answer(request: Request, native: Any, start: Any, collect: Any) -> Response:
-    """Run a generate or chat request: NDJSON chunks, or (stream false) the collected answer."""
-    check_caps(request, native.options)
+async def _answer(request: Request, native: Any, start: Any) -> Response:
+    """Run a generate or chat request: NDJSON chunks, or (stream false) the collected answer. A request that
+    only loads or unloads the model (no prompt) gets one JSON object either way, as from Ollama."""
     priority = request.headers.get(PRIORITY_HEADER)
     chunks = start(native, priority=priority, timeout=request.app.state.settings.request_timeout)
     if not native.stream:
-        return JSONResponse(await collect(chunks))
-    return ndjson(await first_then_rest(chunks))
+        return JSONResponse((await collect_async(chunks)).model_dump(exclude_none=True))
+    first = await anext(chunks)
+    if first.done and first.done_reason in ("load", "unload"):
+        return JSONResponse(first.model_dump(exclude_none=True))
 
+    async def rest() -> AsyncIterator[Any]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
 
-async def collect_generate(chunks: AsyncIterator[GenerateResponse]) -> dict[str, Any]:
-    parts, logprobs = [], []
-    async for chunk in chunks:
-        parts.append(chunk.response)
-        logprobs.extend(chunk.logprobs or ())
-        if chunk.done:
-            update = {"response": "".join(parts), "logprobs": logprobs or None}
-            return chunk.model_copy(update=update).model_dump(exclude_none=True)
-    raise EmberError("the generation ended without a final chunk")
-
-
-async def collect_chat(chunks: AsyncIterator[ChatResponse]) -> dict[str, Any]:
-    parts, calls, logprobs = [], [], []
-    async for chunk in chunks:
-        parts.append(chunk.message.content)
-        calls.extend(chunk.message.tool_calls or ())
-        logprobs.extend(chunk.logprobs or ())
-        if chunk.done:
-            message = Message(role="assistant", content="".join(parts), tool_calls=calls or None)
-            update = {"message": message, "logprobs": logprobs or None}
-            return chunk.model_copy(update=update).model_dump(exclude_none=True)
-    raise EmberError("the chat ended without a final chunk")
+    return ndjson(rest())
 
 
 def model_details(info: GGUFInfo) -> dict[str, Any]:
@@ -158,6 +126,7 @@ def _rfc3339(timestamp: float) -> str:
 
 
 @router.get("/api/tags")
+@router.head("/api/tags")
 async def tags() -> dict[str, Any]:
     def listing() -> list[dict[str, Any]]:
         store = ModelStore()
@@ -211,11 +180,10 @@ async def running(request: Request) -> dict[str, Any]:
     return {"models": models}
 
 
-@router.post("/api/stop", openapi_extra=schemas.NAMED_MODEL)
+@router.post("/api/stop", openapi_extra=schemas.model_body(OllamaModelRequest))
 async def stop(request: Request) -> dict[str, Any]:
-    body = await read_json(request)
-    name = body.get("model") or body.get("name")
-    if not isinstance(name, str) or not name:
+    name = (await parse_body(request, OllamaModelRequest)).model_name()
+    if not name:
         raise InvalidRequestError('give the model to stop: {"model": "NAME"}')
     if not await manager_of(request).stop(name):
         raise ModelNotFoundError(f"model '{name}' is not loaded")
@@ -223,18 +191,19 @@ async def stop(request: Request) -> dict[str, Any]:
 
 
 @router.get("/api/version")
+@router.head("/api/version")
 async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.post("/api/show", openapi_extra=schemas.NAMED_MODEL)
+@router.post("/api/show", openapi_extra=schemas.model_body(OllamaModelRequest))
 async def show(request: Request) -> dict[str, Any]:
-    body = await read_json(request)
-    name = body.get("model") or body.get("name")
-    if not isinstance(name, str) or not name:
+    name = (await parse_body(request, OllamaModelRequest)).model_name()
+    if not name:
         raise InvalidRequestError('give the model to show: {"model": "NAME"}')
     source = await asyncio.to_thread(resolve_model, name)
     info = await asyncio.to_thread(read_gguf, source.path)
+    capabilities = await asyncio.to_thread(model_capabilities, source)
     from ember.store.modelfile import render_modelfile
 
     parameters = "\n".join(
@@ -267,6 +236,15 @@ async def show(request: Request) -> dict[str, Any]:
             "parameters": dict(source.parameters),
             "adapters": [str(path) for path in source.adapters],
         },
-        "capabilities": ["completion", "tools"],  # tools: natively, or through ember.tools' preamble
-        "modified_at": _rfc3339(time.time()),
+        "capabilities": capabilities.names(),
+        "modified_at": _rfc3339(await asyncio.to_thread(_modified, source)),
     }
+
+
+def _modified(source: ModelSource) -> float:
+    """When the model was last changed: its manifest (a stored model) or its file (a path, a bundled model)."""
+    if source.digest is not None:
+        manifest = ModelStore().get(source.name)
+        if manifest is not None:
+            return manifest.modified
+    return source.path.stat().st_mtime

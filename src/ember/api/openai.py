@@ -1,11 +1,10 @@
 """The OpenAI API: /v1/chat/completions, /v1/completions and /v1/models, translated to native requests.
 
-Only the fields a request gives become options, so a model's own defaults (and Ollama's) apply otherwise, as
-Ollama's OpenAI compatibility does. Streams are server-sent events ending in `data: [DONE]`. `n` > 1 runs n
-sequences side by side (seeds seed, seed+1 ... when a seed is given), each a choice with its own index.
+The bodies are the protocol models of openai_protocol.py. Streams are server-sent events ending in
+`data: [DONE]`. `n` > 1 runs n sequences side by side (seeds seed, seed+1 ... when a seed is given), each a
+choice with its own index; a completions request with several prompts gives n choices for each, in order.
 Logprobs (chat `logprobs`/`top_logprobs`, completions `logprobs: N`) come from the raw logits: see
-openai_logprobs.py. `logit_bias` becomes the sampling option of that name; `repeat_penalty` (llama.cpp
-server's extension) is taken too, since Ollama's default of 1.1 applies otherwise.
+openai_logprobs.py. A thinking model's reasoning comes as `reasoning_content`, apart from `content`.
 """
 
 from __future__ import annotations
@@ -21,112 +20,37 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember.api import schemas
-from ember.api.ollama import PRIORITY_HEADER, first_then_rest, manager_of, read_json
-from ember.api.openai_logprobs import Offsets, chat_fields, chat_logprobs, completion_fields, entries_of
+from ember.api.bodies import parse_body
+from ember.api.ollama import PRIORITY_HEADER, first_then_rest, manager_of
+from ember.api.openai_logprobs import Offsets, chat_logprobs, entries_of
+from ember.api.openai_protocol import ChatCompletionRequest, CompletionRequest
+from ember.collect import AnswerCollector
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
 from ember.store.bundled import DEFAULT_MODEL
 from ember.store.resolve import resolve_model
 from ember.store.store import ModelStore
-from ember.tools import from_openai_message, openai_tool_call
-from ember.types import ChatRequest, GenerateRequest, build_request
+from ember.tools import openai_tool_call
+from ember.types import ChatResponse, GenerateResponse
 
 router = APIRouter()
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
-def _options(body: dict[str, Any], settings: Any) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be a positive integer")
-        if max_tokens > settings.max_num_predict:
-            raise InvalidRequestError(
-                f"max_tokens={max_tokens} is above this server's limit of {settings.max_num_predict}"
-            )
-        options["num_predict"] = max_tokens
-    for openai_name, name in (
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("seed", "seed"),
-        ("presence_penalty", "presence_penalty"),
-        ("frequency_penalty", "frequency_penalty"),
-        ("repeat_penalty", "repeat_penalty"),  # llama.cpp server's extension: 1 turns Ollama's default 1.1 off
-    ):
-        if body.get(openai_name) is not None:
-            options[name] = body[openai_name]
-    stop = body.get("stop")
-    if stop is not None:
-        options["stop"] = [stop] if isinstance(stop, str) else stop
-    logit_bias = body.get("logit_bias")
-    if logit_bias:  # {"token id": bias}; ids and ranges are checked with the other sampling options
-        if not isinstance(logit_bias, dict):
-            raise InvalidRequestError('logit_bias must be an object of token ids to biases, such as {"1234": -100}')
-        options["logit_bias"] = logit_bias
-    return options
-
-
-def _format(body: dict[str, Any]) -> Any:
-    response_format = body.get("response_format")
-    if not response_format:
-        return None
-    if not isinstance(response_format, dict):
-        raise InvalidRequestError('response_format must be an object such as {"type": "json_object"}')
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return "json"
-    if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise InvalidRequestError("response_format.json_schema.schema must be a JSON schema object")
-        return schema
-    raise InvalidRequestError(f"response_format.type must be text, json_object or json_schema, not {kind!r}")
-
-
-def _n(body: dict[str, Any], settings: Any) -> int:
-    n = body.get("n", 1) or 1
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= settings.max_n:
-        raise InvalidRequestError(f"n must be an integer from 1 to {settings.max_n}")
-    return n
-
-
-def _message_text(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "image_url", "input_text"):
-                raise InvalidRequestError('message content parts must be {"type": "text", "text": ...}')
-            if part["type"] == "image_url":
-                raise InvalidRequestError("this model does not support images; send text only")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
-    raise InvalidRequestError("message content must be a string or a list of text parts")
-
-
-def _usage(final: Any) -> dict[str, Any]:
-    prompt = final.prompt_eval_count + final.prompt_cached_count
+def _usage(finals: list[Any], prompt_of: list[int]) -> dict[str, Any]:
+    """Usage summed over the choices; each prompt's tokens counted once (the n choices of a prompt share it)."""
+    prompt_tokens: dict[int, int] = {}
+    cached: dict[int, int] = {}
+    for final, prompt in zip(finals, prompt_of, strict=True):
+        prompt_tokens.setdefault(prompt, final.prompt_eval_count + final.prompt_cached_count)
+        cached.setdefault(prompt, final.prompt_cached_count)
+    prompt = sum(prompt_tokens.values())
+    completion = sum(final.eval_count for final in finals)
     return {
         "prompt_tokens": prompt,
-        "completion_tokens": final.eval_count,
-        "total_tokens": prompt + final.eval_count,
-        "prompt_tokens_details": {"cached_tokens": final.prompt_cached_count},
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
     }
-
-
-def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    total = {
-        "prompt_tokens": usages[0]["prompt_tokens"],
-        "completion_tokens": 0,
-        "total_tokens": 0,
-        "prompt_tokens_details": usages[0]["prompt_tokens_details"],
-    }
-    total["completion_tokens"] = sum(usage["completion_tokens"] for usage in usages)
-    total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
-    return total
 
 
 async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
@@ -163,253 +87,204 @@ async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int,
             task.cancel()
 
 
-def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
-    if index and "seed" in options:
-        return {**options, "seed": options["seed"] + index}
-    return options
-
-
-def _finish_reason(final: Any) -> str:
+def _finish_reason(final: Any, has_calls: bool = False) -> str:
+    if has_calls:
+        return "tool_calls"
     return _FINISH.get(final.done_reason or "stop", "stop")
-
-
-def _collected(head: dict[str, Any], kind: str, choices: list[dict[str, Any]], finals: list[Any]) -> JSONResponse:
-    """A whole (non-streamed) answer: its choices and the usage summed over them."""
-    usage = _sum_usage([_usage(final) for final in finals])
-    return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage})
-
-
-def _stream_end(chunk_head: dict[str, Any], include_usage: bool, usages: list[dict[str, Any]]) -> bytes:
-    """The end of an SSE stream: the usage chunk when asked for, then `[DONE]`."""
-    usage = _sse({**chunk_head, "choices": [], "usage": _sum_usage(usages)}) if include_usage and usages else b""
-    return usage + _sse("[DONE]")
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-async def _stream(request: Request, make: Any, n: int, shape: Any) -> AsyncIterator[tuple[int, Any]]:
-    manager = manager_of(request)
+def _error_event(error: EmberError) -> bytes:
+    return _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
+
+
+def _seeded(options: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+    if index and options and "seed" in options:
+        return {**options, "seed": options["seed"] + index}
+    return options
+
+
+async def _start(request: Request, natives: list[Any], start: Any) -> AsyncIterator[tuple[int, Any]]:
+    """Start every choice's stream (choice i with seed + i), merged; an error before the first chunk is raised
+    here, so it becomes the response's status."""
     priority = request.headers.get(PRIORITY_HEADER)
     timeout = request.app.state.settings.request_timeout
-    streams = [make(manager, index, priority, timeout) for index in range(n)]
+    streams = [start(native, priority=priority, timeout=timeout) for native in natives]
     return await first_then_rest(_merged(streams))
 
 
-@router.post("/v1/chat/completions", openapi_extra=schemas.OPENAI_CHAT)
-async def chat_completions(request: Request) -> Response:
-    body = await read_json(request)
-    settings = request.app.state.settings
-    options, n, response_format = _options(body, settings), _n(body, settings), _format(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("messages must be a non-empty list")
-    native_messages, call_names = [], {}
-    for message in messages:
-        if not isinstance(message, dict):
-            raise InvalidRequestError("each message must be an object with role and content")
-        role = "system" if message.get("role") == "developer" else message.get("role")
-        native_messages.append(
-            {"role": role, "content": _message_text(message.get("content")), **from_openai_message(message, call_names)}
-        )
-    model = body.get("model")
-    tools = body.get("tools") or None  # parallel_tool_calls is accepted and ignored
-    if tools is not None and not isinstance(tools, list):
-        raise InvalidRequestError('tools must be a list of {"type": "function", "function": {...}} objects')
-    base = build_request(
-        ChatRequest,
-        model=model or "",
-        messages=native_messages,
-        format=response_format,
-        stream=True,
-        options=options,
-        tools=tools,
-        tool_choice=body.get("tool_choice"),
-        **chat_fields(body),
-    )
-
-    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
-        return manager.chat(
-            base.model_copy(update={"options": _seeded(options, index)}), priority=priority, timeout=timeout
-        )
-
-    chunks = await _stream(request, make, n, None)
-    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": completion_id, "created": created, "model": model, "system_fingerprint": "ember"}
-    if not body.get("stream"):
-        texts, finals, calls = [""] * n, [None] * n, [[] for _ in range(n)]
-        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        async for index, chunk in chunks:
-            texts[index] += chunk.message.content
-            logprobs[index] += entries_of(chunk)
-            calls[index].extend(chunk.message.tool_calls or ())
-            if chunk.done:
-                finals[index] = chunk
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": texts[i] or (None if calls[i] else "")}
-                | ({"tool_calls": [openai_tool_call(call) for call in calls[i]]} if calls[i] else {}),
-                "logprobs": chat_logprobs(logprobs[i] if base.logprobs else None),
-                "finish_reason": "tool_calls" if calls[i] else _finish_reason(finals[i]),
-            }
-            for i in range(n)
-        ]
-        return _collected(head, "chat.completion", choices, finals)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-    async def events() -> AsyncIterator[bytes]:
-        chunk_head = {**head, "object": "chat.completion.chunk"}
-        for index in range(n):
-            yield _sse(
-                {
-                    **chunk_head,
-                    "choices": [
-                        {
-                            "index": index,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
-        usages, calls_sent = [], [0] * n
-        try:
-            async for index, chunk in chunks:
-                if chunk.message.content or chunk.logprobs:
-                    yield _sse(
-                        {
-                            **chunk_head,
-                            "choices": [
-                                {
-                                    "index": index,
-                                    "delta": {"content": chunk.message.content},
-                                    "logprobs": chat_logprobs(entries_of(chunk) if base.logprobs else None),
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
-                if chunk.message.tool_calls:  # whole calls, after the text before them
-                    new_calls, first = chunk.message.tool_calls, calls_sent[index]
-                    calls_sent[index] += len(new_calls)
-                    delta = {"tool_calls": [openai_tool_call(c, first + k) for k, c in enumerate(new_calls)]}
-                    yield _sse(
-                        {
-                            **chunk_head,
-                            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
-                        }
-                    )
-                if chunk.done:
-                    usages.append(_usage(chunk))
-                    reason = "tool_calls" if calls_sent[index] else _finish_reason(chunk)
-                    yield _sse(
-                        {
-                            **chunk_head,
-                            "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}],
-                        }
-                    )
-        except EmberError as error:
-            yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
-            return
-        yield _stream_end(chunk_head, include_usage, usages)
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-@router.post("/v1/completions", openapi_extra=schemas.OPENAI_COMPLETION)
-async def completions(request: Request) -> Response:
-    body = await read_json(request)
-    settings = request.app.state.settings
-    options, n = _options(body, settings), _n(body, settings)
-    options.setdefault("num_predict", 16)  # OpenAI's default max_tokens for completions
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequestError("prompt must be a string (lists of prompts are not supported)")
-    if body.get("suffix"):
-        raise InvalidRequestError("suffix (fill-in-the-middle) is not supported; put the text in the prompt")
-    echo = bool(body.get("echo"))
-    model = body.get("model")
-    base = build_request(
-        GenerateRequest,
-        model=model or "",
-        prompt=prompt,
-        raw=True,
-        stream=True,
-        options=options,
-        format=_format(body),
-        **completion_fields(body),
-    )
-    offsets = Offsets(n, len(prompt) if echo else 0)  # where each choice's generated text starts
-
-    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
-        return manager.generate(
-            base.model_copy(update={"options": _seeded(options, index)}), priority=priority, timeout=timeout
-        )
-
-    chunks = await _stream(request, make, n, None)
-    head = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
+def _head(prefix: str, model: str) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": "ember",
     }
-    if not body.get("stream"):
-        texts, finals = [prompt if echo else ""] * n, [None] * n
-        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+
+
+# --- chat completions -------------------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions", openapi_extra=schemas.model_body(ChatCompletionRequest))
+async def chat_completions(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    manager = manager_of(request)
+    manager.limits.check_n(body.n)
+    base = body.to_native()
+    natives = [base.model_copy(update={"options": _seeded(base.options, i)}) for i in range(body.n)]
+    chunks = await _start(request, natives, manager.chat)
+    head = _head("chatcmpl", body.model)
+    if not body.stream:
+        return await _whole_chat(head, chunks, body)
+    return StreamingResponse(_chat_events(head, chunks, body), media_type="text/event-stream")
+
+
+def _chat_message(answer: ChatResponse) -> dict[str, Any]:
+    message = answer.message
+    calls = message.tool_calls or []
+    result: dict[str, Any] = {"role": "assistant", "content": message.content or (None if calls else "")}
+    if message.thinking:
+        result["reasoning_content"] = message.thinking
+    if calls:
+        result["tool_calls"] = [openai_tool_call(call) for call in calls]
+    return result
+
+
+async def _whole_chat(head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any]], body: Any) -> JSONResponse:
+    collectors = [AnswerCollector() for _ in range(body.n)]
+    async for index, chunk in chunks:
+        collectors[index].add(chunk)
+    answers = [collector.result() for collector in collectors]
+    choices = [
+        {
+            "index": i,
+            "message": _chat_message(answer),
+            "logprobs": chat_logprobs(entries_of(answer) if body.logprobs else None),
+            "finish_reason": _finish_reason(answer, bool(answer.message.tool_calls)),
+        }
+        for i, answer in enumerate(answers)
+    ]
+    result = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(answers, [0] * body.n)}
+    if answers[0].truncated_messages:
+        result["truncated_messages"] = answers[0].truncated_messages  # ember: the oldest turns that went
+    return JSONResponse(result)
+
+
+async def _chat_events(head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any]], body: Any) -> AsyncIterator[bytes]:
+    chunk_head = {**head, "object": "chat.completion.chunk"}
+
+    def event(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return _sse({**chunk_head, "choices": [choice]})
+
+    for index in range(body.n):
+        yield event(index, {"role": "assistant", "content": ""})
+    finals: list[Any] = [None] * body.n
+    calls_sent = [0] * body.n
+    try:
         async for index, chunk in chunks:
-            texts[index] += chunk.response
-            logprobs[index] += entries_of(chunk)
+            message = chunk.message
+            if message.thinking:
+                yield event(index, {"reasoning_content": message.thinking})
+            if message.content or chunk.logprobs:
+                logprobs = chat_logprobs(entries_of(chunk) if body.logprobs else None)
+                yield event(index, {"content": message.content}, logprobs)
+            if message.tool_calls:  # whole calls, after the text before them, numbered by `index`
+                first = calls_sent[index]
+                calls_sent[index] += len(message.tool_calls)
+                calls = [openai_tool_call(call, first + k) for k, call in enumerate(message.tool_calls)]
+                yield event(index, {"tool_calls": calls})
             if chunk.done:
                 finals[index] = chunk
-        choices = [
-            {
-                "index": i,
-                "text": texts[i],
-                "logprobs": offsets.shape(i, logprobs[i]) if base.logprobs else None,
-                "finish_reason": _finish_reason(finals[i]),
-            }
-            for i in range(n)
-        ]
-        return _collected(head, "text_completion", choices, finals)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                yield event(index, {}, None, _finish_reason(chunk, bool(calls_sent[index])))
+    except EmberError as error:
+        yield _error_event(error)
+        return
+    if body.include_usage:
+        yield _sse({**chunk_head, "choices": [], "usage": _usage(finals, [0] * body.n)})
+    yield _sse("[DONE]")
 
-    async def events() -> AsyncIterator[bytes]:
-        chunk_head = {**head, "object": "text_completion"}
+
+# --- completions ------------------------------------------------------------------------------------------
+
+
+@router.post("/v1/completions", openapi_extra=schemas.model_body(CompletionRequest))
+async def completions(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    manager = manager_of(request)
+    manager.limits.check_n(body.n)
+    prompts = body.prompts()
+    if body.echo and not all(isinstance(prompt, str) for prompt in prompts):
+        raise InvalidRequestError("echo needs text prompts; send the prompt as a string")
+    natives, prompt_of = [], []
+    for number, prompt in enumerate(prompts):
+        base = body.to_native(prompt)
+        for i in range(body.n):
+            natives.append(base.model_copy(update={"options": _seeded(base.options, i)}))
+            prompt_of.append(number)
+    echoes = [prompts[number] if body.echo else "" for number in prompt_of]
+    chunks = await _start(request, natives, manager.generate)
+    head = _head("cmpl", body.model)
+    offsets = Offsets(len(natives), 0)  # where each choice's generated text starts
+    offsets.next = [len(echo) for echo in echoes]
+    if not body.stream:
+        return await _whole_completion(head, chunks, body, echoes, prompt_of, offsets)
+    return StreamingResponse(
+        _completion_events(head, chunks, body, echoes, prompt_of, offsets), media_type="text/event-stream"
+    )
+
+
+async def _whole_completion(
+    head: dict[str, Any], chunks: Any, body: Any, echoes: list[Any], prompt_of: list[int], offsets: Offsets
+) -> JSONResponse:
+    collectors = [AnswerCollector() for _ in echoes]
+    async for index, chunk in chunks:
+        collectors[index].add(chunk)
+    answers: list[GenerateResponse] = [collector.result() for collector in collectors]
+    choices = [
+        {
+            "index": i,
+            "text": echoes[i] + answer.response,
+            "logprobs": offsets.shape(i, entries_of(answer)) if body.logprobs is not None else None,
+            "finish_reason": _finish_reason(answer),
+        }
+        for i, answer in enumerate(answers)
+    ]
+    return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": _usage(answers, prompt_of)})
+
+
+async def _completion_events(
+    head: dict[str, Any], chunks: Any, body: Any, echoes: list[Any], prompt_of: list[int], offsets: Offsets
+) -> AsyncIterator[bytes]:
+    chunk_head = {**head, "object": "text_completion"}
+
+    def event(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> bytes:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return _sse({**chunk_head, "choices": [choice]})
+
+    for index, echo in enumerate(echoes):
         if echo:
-            for index in range(n):
-                yield _sse(
-                    {
-                        **chunk_head,
-                        "choices": [{"index": index, "text": prompt, "logprobs": None, "finish_reason": None}],
-                    }
-                )
-        usages = []
-        try:
-            async for index, chunk in chunks:
-                reason = _finish_reason(chunk) if chunk.done else None
-                if chunk.response or chunk.done or chunk.logprobs:
-                    shaped = offsets.shape(index, entries_of(chunk)) if base.logprobs else None
-                    yield _sse(
-                        {
-                            **chunk_head,
-                            "choices": [
-                                {"index": index, "text": chunk.response, "logprobs": shaped, "finish_reason": reason}
-                            ],
-                        }
-                    )
-                if chunk.done:
-                    usages.append(_usage(chunk))
-        except EmberError as error:
-            yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
-            return
-        yield _stream_end(chunk_head, include_usage, usages)
+            yield event(index, echo)
+    finals: list[Any] = [None] * len(echoes)
+    try:
+        async for index, chunk in chunks:
+            if chunk.response or chunk.done or chunk.logprobs:
+                shaped = offsets.shape(index, entries_of(chunk)) if body.logprobs is not None else None
+                yield event(index, chunk.response, shaped, _finish_reason(chunk) if chunk.done else None)
+            if chunk.done:
+                finals[index] = chunk
+    except EmberError as error:
+        yield _error_event(error)
+        return
+    if body.include_usage:
+        yield _sse({**chunk_head, "choices": [], "usage": _usage(finals, prompt_of)})
+    yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+
+# --- models -----------------------------------------------------------------------------------------------
 
 
 def _model_card(name: str, created: float) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""OpenAI's logprobs: the request fields, and the shapes of chat and (legacy) completion choices.
+"""OpenAI's logprobs: the shapes of chat and (legacy) completion choices (openai_protocol.py checks the fields).
 
 The runner reports one entry per generated token: its text (the token's piece), logprob, bytes and the most
 likely tokens at its position, from the raw logits (see `ember.logprobs`). Chat completions return them as
@@ -10,38 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ember.errors import InvalidRequestError
 from ember.logprobs import completion_logprobs
 
 MAX_TOP_LOGPROBS = 20
 
-__all__ = ["Offsets", "chat_fields", "chat_logprobs", "completion_fields", "entries_of"]
-
-
-def _count(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise InvalidRequestError(f"{name} must be an integer from 0 to {MAX_TOP_LOGPROBS}")
-    return value
-
-
-def chat_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """`logprobs: true` and `top_logprobs: N` of a chat completion, as native request fields."""
-    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise InvalidRequestError("logprobs must be true or false")
-    if top is not None:
-        top = _count(top, "top_logprobs")
-        if not logprobs:
-            raise InvalidRequestError("top_logprobs needs logprobs: true")
-    return {"logprobs": bool(logprobs), "top_logprobs": top or 0}
-
-
-def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """`logprobs: N` of a completion (the sampled token's logprob and the N most likely), as native fields."""
-    value = body.get("logprobs")
-    if value is None:
-        return {"logprobs": False, "top_logprobs": 0}
-    return {"logprobs": True, "top_logprobs": _count(value, "logprobs")}
+__all__ = ["MAX_TOP_LOGPROBS", "Offsets", "chat_logprobs", "entries_of"]
 
 
 def entries_of(chunk: Any) -> list[dict[str, Any]]:

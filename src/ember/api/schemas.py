@@ -1,8 +1,10 @@
 """Request body schemas for the OpenAPI document.
 
 The routes read their JSON bodies themselves (so that every mistake becomes ember's own clear 400, in the
-Ollama or OpenAI error shape), which leaves FastAPI nothing to describe. These schemas put the bodies back
-into /openapi.json, for clients, for documentation, and for schemathesis, which fuzzes the server with them.
+Ollama, OpenAI or Anthropic error shape), which leaves FastAPI nothing to describe. `model_body` puts a
+protocol model's schema (every field, see the *_protocol.py modules) back into /openapi.json, for clients,
+for documentation, and for schemathesis, which fuzzes the server with them; the few small native bodies
+are written out here.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
-
-from ember.types import ChatRequest, GenerateRequest
 
 
 def _inline(schema: Any, definitions: dict[str, Any]) -> Any:
@@ -42,62 +42,20 @@ def _object(properties: dict[str, Any], required: list[str] | None = None) -> di
 
 
 _MODEL = {"type": "string", "examples": ["smollm2"]}
-_MESSAGE = _object(
-    {
-        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"type": "string"},
-    },
-    ["role"],
-)
-_SAMPLING = {
-    "max_tokens": {"type": "integer"},
-    "max_completion_tokens": {"type": "integer"},
-    "temperature": {"type": "number"},
-    "top_p": {"type": "number"},
-    "n": {"type": "integer"},
-    "seed": {"type": "integer"},
-    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "presence_penalty": {"type": "number"},
-    "frequency_penalty": {"type": "number"},
-    "stream": {"type": "boolean"},
-    "logprobs": {"type": "boolean"},
-}
-
-GENERATE = model_body(GenerateRequest)
-CHAT = model_body(ChatRequest)
 NAMED_MODEL = json_body(_object({"model": _MODEL}, ["model"]))
-TOKENIZE = json_body(_object({"model": _MODEL, "content": {"type": "string"}}, ["model", "content"]))
+TOKENIZE = json_body(
+    _object(
+        {
+            "model": _MODEL,
+            "content": {"type": "string"},
+            "add_special": {"type": "boolean"},
+            "parse_special": {"type": "boolean"},
+        },
+        ["model", "content"],
+    )
+)
 DETOKENIZE = json_body(
     _object({"model": _MODEL, "tokens": {"type": "array", "items": {"type": "integer"}}}, ["model", "tokens"])
-)
-EMBED = json_body(
-    _object(
-        {
-            "model": _MODEL,
-            "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "truncate": {"type": "boolean"},
-        },
-        ["model"],
-    )
-)
-EMBEDDINGS = json_body(_object({"model": _MODEL, "prompt": {"type": "string"}}, ["model"]))
-OPENAI_CHAT = json_body(
-    _object({"model": _MODEL, "messages": {"type": "array", "items": _MESSAGE}, **_SAMPLING}, ["model", "messages"])
-)
-OPENAI_COMPLETION = json_body(
-    _object(
-        {"model": _MODEL, "prompt": {"type": "string"}, "echo": {"type": "boolean"}, **_SAMPLING}, ["model", "prompt"]
-    )
-)
-OPENAI_EMBEDDINGS = json_body(
-    _object(
-        {
-            "model": _MODEL,
-            "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-        },
-        ["model", "input"],
-    )
 )
 PULL = json_body(_object({"model": {"type": "string"}, "stream": {"type": "boolean"}}, ["model"]))
 CREATE = json_body(

@@ -1,5 +1,11 @@
 """Safe by default: API keys, a Host allow-list against DNS rebinding, a body size limit, and CORS.
 
+The Host check is Ollama's (server/routes.go, allowedHostsMiddleware): a server bound to a non-loopback
+address (0.0.0.0, a LAN address) was exposed on purpose and checks no Host; one bound to loopback accepts
+only Host names a DNS-rebinding page cannot point at it: localhost, this machine's name, `*.localhost`,
+`*.local`, `*.internal` (Docker's host.docker.internal), and loopback, private or unspecified IP addresses,
+plus EMBER_ALLOWED_HOSTS. API keys, when set, apply either way.
+
 Written as plain ASGI middleware (not Starlette's BaseHTTPMiddleware), so that streaming responses and the
 detection of a client that went away are left exactly as the app has them.
 """
@@ -7,8 +13,10 @@ detection of a client that went away are left exactly as the app has them.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import re
+import socket
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,7 +28,7 @@ Scope = dict[str, Any]
 OPEN_PATHS = frozenset({"/health"})
 # Blob uploads (model files, gigabytes) are streamed to disk, never held in memory: no body size limit there.
 UNLIMITED_BODY_PREFIX = "/api/blobs/"
-_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0"}
+_LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 
 
 def _split(text: str) -> list[str]:
@@ -35,8 +43,8 @@ class Guard:
         self.keys = [key.encode() for key in _split(settings.api_keys)]
         self.max_bytes = settings.max_request_bytes
         bound_host, _ = settings.host_and_port
-        self.check_host = bound_host in _LOCAL_HOSTS or bound_host.startswith("127.")
-        self.allowed_hosts = _LOCAL_HOSTS | {host.lower() for host in _split(settings.allowed_hosts)}
+        self.check_host = bound_to_loopback(bound_host)
+        self.allowed_hosts = {host.lower() for host in _split(settings.allowed_hosts)}
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -58,9 +66,8 @@ class Guard:
 
     def _refusal(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
         if self.check_host:
-            host = headers.get("host", "").lower()
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if host and name not in self.allowed_hosts:
+            host = headers.get("host", "")
+            if not allowed_host(host, self.allowed_hosts):
                 return 403, f"host {host!r} is not allowed; add it to EMBER_ALLOWED_HOSTS to serve it"
         if self.keys and scope.get("path") not in OPEN_PATHS and scope.get("method") != "OPTIONS":
             given = headers.get("authorization", "")
@@ -85,6 +92,42 @@ class Guard:
         return limited_receive
 
 
+def bound_to_loopback(host: str) -> bool:
+    """Whether the server listens on loopback only (a name is judged by the addresses it resolves to)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return True  # cannot tell: check the Host header, the safe side
+    return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
+
+
+def _host_name(header: str) -> str:
+    """The name or address of a Host header, without its port or an IPv6 address's brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    name, _, port = header.rpartition(":")
+    return name if name and port.isdigit() else header
+
+
+def allowed_host(header: str, extra: set[str]) -> bool:
+    """Ollama's rule for a server bound to loopback (see the module's docstring)."""
+    name = _host_name(header)
+    if not name or name == "localhost" or name in extra or header.strip().lower() in extra:
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name == socket.gethostname().lower() or name.endswith(_LOCAL_SUFFIXES)
+    return address.is_loopback or address.is_private or address.is_unspecified
+
+
 class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request body is larger than {limit} bytes")
@@ -94,11 +137,9 @@ async def _refuse(scope: Scope, send: Any, status: int, message: str) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return
-    if scope.get("path", "").startswith("/v1/"):
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    else:
-        body = {"error": message}
-    payload = json.dumps(body).encode()
+    from ember.api.app import error_body
+
+    payload = json.dumps(error_body(scope.get("path", ""), status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

@@ -333,6 +333,12 @@ class LlamaModel:
     def is_end_of_generation(self, token: int) -> bool:
         return self._eog[token]
 
+    def fim_tokens(self) -> tuple[int, int, int] | None:
+        """The fill-in-the-middle tokens (prefix, suffix, middle) llama.cpp found in the vocabulary, or None."""
+        vocab = self._vocab
+        tokens = (lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab))
+        return tokens if all(token >= 0 for token in tokens) else None
+
     def validate_token(self, token: int) -> None:
         if not 0 <= token < self.n_vocab:
             raise InvalidRequestError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})")

@@ -104,7 +104,7 @@ class _Runner:
             request_id, job = entry
             if not update.done:
                 text = update.text
-                if job.tool_parser is not None:  # the job holds back what may be a tool call, and parses it
+                if job.parses_text:  # the job holds back what may be a tool call or a tag, and parses it
                     text, chunk = job.stream_parts(update)
                     if chunk is not None:
                         self.events.append(("chunk", request_id, chunk))

@@ -14,7 +14,8 @@ Runner to server:
         ("text", request_id, text)         a piece of the answer
         ("text", request_id, text, [entry dict])   the same, for a request that asked for logprobs: the
                                            TokenLogprob of the token just sampled (text may be "": held back)
-        ("chunk", request_id, chunk dict)  a chat chunk with tool calls (requests with tools only)
+        ("chunk", request_id, chunk dict)  a chunk with tool calls or thinking (requests with tools, or a
+                                           thinking model's)
         ("done", request_id, final chunk as a dict)
         ("error", request_id, error)       the request failed; others go on
         ("embedded", request_id, EmbedResponse as a dict)   an embed request's vectors (not normalized);

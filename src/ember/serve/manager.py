@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ember.errors import InvalidRequestError, ModelLoadError
-from ember.options import LOAD_OPTION_NAMES, LoadOptions, load_options
+from ember.options import LoadOptions
 from ember.serve.memory import (
     GpuDevice,
     ModelEstimate,
@@ -30,7 +30,8 @@ from ember.serve.memory import (
     memory_budget,
     plan_gpu_layers,
 )
-from ember.serve.queue import Priority, RequestQueue, parse_priority
+from ember.serve.queue import Priority, RequestQueue
+from ember.serve.resolve import Limits, Resolved, resolve_request
 from ember.store.gguf_file import read_gguf
 from ember.store.resolve import ModelSource, resolve_model
 from ember.types import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, GenerateRequest, GenerateResponse
@@ -148,6 +149,7 @@ class ModelManager:
         budget: Callable[[], int] = memory_budget,
         devices: Callable[[], Sequence[GpuDevice]] = gpu_devices,
         resolve: Callable[[str], ModelSource] = resolve_model,
+        limits: Limits | None = None,
     ) -> None:
         self.runner_factory = runner_factory
         self.default_options = dict(default_options or {})
@@ -158,6 +160,7 @@ class ModelManager:
         self.budget = budget
         self.devices = devices
         self.resolve = resolve
+        self.limits = limits or Limits()
         self.entries: dict[str, LoadedModelEntry] = {}
         self._lock = asyncio.Lock()
         self._idle = asyncio.Condition()
@@ -168,19 +171,23 @@ class ModelManager:
         self, request: GenerateRequest, *, priority: str | int | None = None, timeout: float | None = None
     ) -> AsyncIterator[GenerateResponse]:
         """Stream the answer; a request with an empty prompt only loads (or, with keep_alive 0, unloads)."""
-        if not request.prompt and not request.context:
-            yield await self._load_only(request, GenerateResponse)
+        resolved = self.prepare(request, priority)
+        if not request.prompt and not request.context and not request.suffix:
+            yield await self._load_only(resolved, GenerateResponse)
             return
-        async for chunk in self._serve(request, lambda runner: runner.generate(request), priority, timeout):
+        native = resolved.request
+        async for chunk in self._serve(resolved, lambda runner: runner.generate(native), timeout):
             yield chunk
 
     async def chat(
         self, request: ChatRequest, *, priority: str | int | None = None, timeout: float | None = None
     ) -> AsyncIterator[ChatResponse]:
+        resolved = self.prepare(request, priority)
         if not request.messages:
-            yield await self._load_only(request, ChatResponse)
+            yield await self._load_only(resolved, ChatResponse)
             return
-        async for chunk in self._serve(request, lambda runner: runner.chat(request), priority, timeout):
+        native = resolved.request
+        async for chunk in self._serve(resolved, lambda runner: runner.chat(native), timeout):
             yield chunk
 
     async def embed(
@@ -188,8 +195,9 @@ class ModelManager:
     ) -> EmbedResponse:
         """Embeddings of the request's inputs, queued like any request for the model (one slot while it runs);
         no inputs only loads the model (or, with keep_alive 0, unloads it)."""
+        resolved = self.prepare(request, priority)
         if not request.inputs():
-            loaded = await self._load_only(request, GenerateResponse)
+            loaded = await self._load_only(resolved, GenerateResponse)
             return EmbedResponse(
                 model=request.model, total_duration=loaded.total_duration, load_duration=loaded.load_duration
             )
@@ -197,53 +205,53 @@ class ModelManager:
         async def once(runner: Runner) -> AsyncIterator[EmbedResponse]:
             yield await runner.embed(request)
 
-        results = [result async for result in self._serve(request, once, priority, timeout)]
+        results = [result async for result in self._serve(resolved, once, timeout)]
         return results[0]
 
-    async def _load_only(self, request: GenerateRequest | ChatRequest | EmbedRequest, kind: type) -> Any:
-        keep_alive = parse_keep_alive(request.keep_alive, self.keep_alive)
-        name, source, wanted = self._resolve(request)
+    def prepare(self, request: Any, priority: str | int | None = None) -> Resolved[Any]:
+        """Resolve and validate a request (model, options, caps, capabilities) before anything is loaded."""
+        return resolve_request(
+            request,
+            find_model=self.resolve,
+            default_options=self.default_options,
+            limits=self.limits,
+            keep_alive=parse_keep_alive(request.keep_alive, self.keep_alive),
+            priority=priority,
+        )
+
+    async def _load_only(self, resolved: Resolved[Any], kind: type) -> Any:
+        keep_alive = resolved.keep_alive
+        model = resolved.request.model
         if keep_alive == 0:
-            await self.stop(name)
-            return kind(model=request.model, done=True, done_reason="unload")
+            await self.stop(resolved.name)
+            return kind(model=model, done=True, done_reason="unload")
         started = time.perf_counter_ns()
-        entry = await self._entry(name, source, wanted, keep_alive)
+        entry = await self._entry(resolved.name, resolved.source, resolved.load, keep_alive)
         entry.keep_alive = keep_alive
         self._schedule_expiry(entry)
         load = int(entry.runner.facts.get("load_duration", 0)) if time.time() - entry.loaded_at < 60 else 0
         return kind(
-            model=request.model,
+            model=model,
             done=True,
             done_reason="load",
             total_duration=time.perf_counter_ns() - started,
             load_duration=load,
         )
 
-    def _resolve(self, request: GenerateRequest | ChatRequest | EmbedRequest) -> tuple[str, ModelSource, LoadOptions]:
-        if not request.model:
-            raise InvalidRequestError("name a model in the request's `model` field")
-        source = self.resolve(request.model)
-        layers = [self.default_options, dict(source.parameters), request.options or {}]
-        wanted = load_options(*({k: v for k, v in layer.items() if k in LOAD_OPTION_NAMES} for layer in layers))
-        return source.name, source, wanted
-
     async def _serve(
         self,
-        request: GenerateRequest | ChatRequest | EmbedRequest,
+        resolved: Resolved[Any],
         start: Callable[[Runner], AsyncIterator[Any]],
-        priority: str | int | None,
         timeout: float | None,
     ) -> AsyncIterator[Any]:
-        keep_alive = parse_keep_alive(request.keep_alive, self.keep_alive)
-        level = parse_priority(priority if priority is not None else request.priority)
-        name, source, wanted = self._resolve(request)
+        keep_alive = resolved.keep_alive
         deadline = None if timeout is None else time.monotonic() + timeout
-        entry = await self._entry(name, source, wanted, keep_alive)
+        entry = await self._entry(resolved.name, resolved.source, resolved.load, keep_alive)
         entry.active += 1
         self._cancel_expiry(entry)
         try:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            ticket = await entry.queue.acquire(level, timeout=remaining)
+            ticket = await entry.queue.acquire(resolved.priority, timeout=remaining)
             try:
                 async for chunk in start(entry.runner):
                     yield chunk

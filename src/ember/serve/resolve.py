@@ -1,0 +1,117 @@
+"""Resolve and validate a native request once, before any load or queueing.
+
+Every way into the server (the Ollama, OpenAI and Anthropic routes, the WebSocket, and code that calls the
+ModelManager directly: conversations, batches, workers) reaches `ModelManager.generate/chat/embed`, and each
+of those resolves its request here first. So a request with a bad option, a value above the server's caps
+(EMBER_MAX_NUM_PREDICT, EMBER_MAX_NUM_CTX), a capability the model lacks (thinking, insertion, images) or an
+unknown model fails at once with a clear error, and nothing is loaded or queued for it.
+
+Options resolve in one order, later layers winning: the server's defaults, the model's own parameters (a
+Modelfile's PARAMETER lines), then the request. "Not set" (None) stays apart from false and zero, as in
+Ollama: a request that says nothing about `think` or `truncate` gets Ollama's defaults, decided here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from ember import capabilities
+from ember.errors import InvalidRequestError
+from ember.options import LoadOptions, SamplingOptions, resolve_options
+from ember.serve.queue import Priority, parse_priority
+from ember.store.resolve import ModelSource
+from ember.types import ChatRequest, EmbedRequest, GenerateRequest
+
+NativeRequest = GenerateRequest | ChatRequest | EmbedRequest
+RequestT = TypeVar("RequestT", GenerateRequest, ChatRequest, EmbedRequest)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's caps on what one request may ask for; None is no cap."""
+
+    max_num_predict: int | None = None
+    max_num_ctx: int | None = None
+    max_n: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(settings.max_num_predict, settings.max_num_ctx, settings.max_n)
+
+    def check(self, load: LoadOptions, sampling: SamplingOptions) -> None:
+        if self.max_num_ctx is not None and load.num_ctx > self.max_num_ctx:
+            raise InvalidRequestError(
+                f"num_ctx={load.num_ctx} is above this server's limit of {self.max_num_ctx} (EMBER_MAX_NUM_CTX)"
+            )
+        if self.max_num_predict is not None and sampling.num_predict > self.max_num_predict:
+            raise InvalidRequestError(
+                f"num_predict={sampling.num_predict} is above this server's limit of {self.max_num_predict} "
+                "(EMBER_MAX_NUM_PREDICT); ask for fewer tokens"
+            )
+
+    def check_n(self, n: int) -> None:
+        """OpenAI's `n` (answers per request), which fans out into n native requests."""
+        if n < 1 or (self.max_n is not None and n > self.max_n):
+            raise InvalidRequestError(f"n must be an integer from 1 to {self.max_n} (EMBER_MAX_N)")
+
+
+@dataclass(frozen=True)
+class Resolved(Generic[RequestT]):
+    """A request ready to queue: its model found, its options validated, Ollama's defaults filled in."""
+
+    request: RequestT
+    name: str  # the model's canonical name (smollm2:latest)
+    source: ModelSource
+    load: LoadOptions
+    sampling: SamplingOptions
+    keep_alive: float | None
+    priority: Priority = field(default=Priority.NORMAL)
+
+
+def resolve_request(
+    request: RequestT,
+    *,
+    find_model: Callable[[str], ModelSource],
+    default_options: Mapping[str, Any],
+    limits: Limits,
+    keep_alive: float | None,
+    priority: str | int | None = None,
+) -> Resolved[RequestT]:
+    """Check a native request against the server's rules and the model; raise an EmberError that says why."""
+    if not request.model:
+        raise InvalidRequestError("name a model in the request's `model` field")
+    source = find_model(request.model)
+    load, sampling = resolve_options(default_options, dict(source.parameters), request.options)
+    limits.check(load, sampling)
+    level = parse_priority(priority if priority is not None else request.priority)
+    return Resolved(apply_defaults(request, source), source.name, source, load, sampling, keep_alive, level)
+
+
+def apply_defaults(request: RequestT, source: ModelSource) -> RequestT:
+    """`think` and `truncate` decided as Ollama decides them, after the capability checks (images, insertion,
+    thinking). The Python API, which loads a model in its own process, resolves its requests here too."""
+    if isinstance(request, EmbedRequest):
+        return request
+    updates: dict[str, Any] = {}
+    images = [request.images] if isinstance(request, GenerateRequest) else [m.images for m in request.messages]
+    if any(images):
+        raise InvalidRequestError(f"model '{source.name}' does not support images; send text only")
+    insert = isinstance(request, GenerateRequest) and bool(request.suffix)
+    if insert and capabilities.fim_tokens(source.path) is None:
+        raise InvalidRequestError(
+            f'"{request.model}" does not support insert: its vocabulary has no fill-in-the-middle tokens; '
+            "use a code model that has them (or send the text before the gap as the prompt)"
+        )
+    # A raw prompt or an insertion (FIM tokens, no template) never goes through the template that thinks.
+    templated = not insert and not (isinstance(request, GenerateRequest) and request.raw)
+    if templated:
+        thinks = capabilities.thinks(source, request.template)
+        if request.think is None and thinks:
+            updates["think"] = True
+        elif request.think not in (None, False) and not thinks:
+            raise InvalidRequestError(f'"{request.model}" does not support thinking')
+    if request.truncate is None:
+        updates["truncate"] = True
+    return request.model_copy(update=updates) if updates else request

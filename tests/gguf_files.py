@@ -55,3 +55,28 @@ def flip_bit(source: Path, target: Path, position: int, bit: int = 0) -> Path:
         handle.seek(position)
         handle.write(bytes([value ^ (1 << bit)]))
     return target
+
+
+# Three of SmolLM2's control tokens and FIM token names of the same length that llama.cpp recognises.
+FIM_RENAMES = {
+    "<jupyter_text>": "<|fim_prefix|>",
+    "<jupyter_code>": "<|fim_suffix|>",
+    "<empty_output>": "<|fim_middle|>",
+}
+
+
+def with_fim_tokens(source: Path, target: Path) -> Path:
+    """A copy of the default model whose vocabulary has fill-in-the-middle tokens, as a code model's has:
+    three unused control tokens renamed in place (same length, so nothing else in the file moves), which
+    llama.cpp then finds by name."""
+    shutil.copyfile(source, target)
+    data = source.read_bytes()[: 64 * 1024 * 1024]
+    with target.open("r+b") as handle:
+        for old, new in FIM_RENAMES.items():
+            needle = struct.pack("<Q", len(old.encode())) + old.encode()
+            position = data.find(needle)
+            if position < 0 or data.find(needle, position + 1) >= 0:
+                raise AssertionError(f"token {old} not found once in {source}")
+            handle.seek(position + 8)
+            handle.write(new.encode())
+    return target

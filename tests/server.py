@@ -26,11 +26,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(**settings: Any) -> Iterator[str]:
-    """An ember server in a thread of this process; yields its base URL."""
+def running_server(bind: str = "127.0.0.1", **settings: Any) -> Iterator[str]:
+    """An ember server in a thread of this process, listening on `bind`; yields its loopback base URL."""
     port = free_port()
-    config = Settings(host=f"127.0.0.1:{port}", **settings)
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    config = Settings(host=f"{bind}:{port}", **settings)
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host=bind, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

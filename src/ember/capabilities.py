@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.chat_template import CHATML_TEMPLATE
+from ember.errors import ModelLoadError
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.resolve import ModelSource
 from ember.thinking import template_thinks
@@ -36,7 +37,10 @@ def _fim_tokens(key: tuple[str, int, int]) -> tuple[int, int, int] | None:
     from ember.engine.llamacpp import LlamaModel
     from ember.options import LoadOptions
 
-    vocabulary = LlamaModel.vocab_only(Path(key[0]), LoadOptions())
+    try:
+        vocabulary = LlamaModel.vocab_only(Path(key[0]), LoadOptions())
+    except ModelLoadError:  # llama.cpp cannot read its vocabulary: loading it would fail with the reason
+        return None
     try:
         return vocabulary.fim_tokens()
     finally:

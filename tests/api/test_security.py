@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from fastapi.testclient import TestClient
@@ -13,6 +14,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from ember.api.app import create_app
 from ember.config import Settings
+from tests.server import running_server
 
 KEY = "secret-key-1"
 LOCAL = {"Host": "127.0.0.1:11434"}  # TestClient's websockets say "testserver", which the Host check refuses
@@ -84,10 +86,45 @@ def open_client() -> Iterator[TestClient]:
 
 
 def test_dns_rebinding_is_refused_on_loopback(open_client: TestClient) -> None:
-    assert open_client.get("/api/version", headers={"Host": "localhost:11434"}).status_code == 200
-    assert open_client.get("/api/version", headers={"Host": "127.0.0.1:11434"}).status_code == 200
-    rebound = open_client.get("/api/version", headers={"Host": "attacker.example:11434"})
-    assert rebound.status_code == 403 and "EMBER_ALLOWED_HOSTS" in rebound.json()["error"]
+    # Ollama's allow rule: localhost names, *.localhost, *.local, *.internal, loopback and private addresses
+    for host in (
+        "localhost:11434",
+        "127.0.0.1:11434",
+        "[::1]:11434",
+        "host.docker.internal:11434",
+        "ember.localhost",
+        "printer.local",
+        "192.168.1.20:11434",
+        "10.0.0.7",
+    ):
+        assert open_client.get("/api/version", headers={"Host": host}).status_code == 200, host
+    for host in ("attacker.example:11434", "evil.example", "8.8.8.8", "localhost.attacker.example"):
+        rebound = open_client.get("/api/version", headers={"Host": host})
+        assert rebound.status_code == 403 and "EMBER_ALLOWED_HOSTS" in rebound.json()["error"], host
+    anthropic_shape = open_client.post("/v1/messages", headers={"Host": "evil.example"}, json={})
+    assert anthropic_shape.json()["error"]["type"] == "permission_error"
+
+
+def test_a_real_server_on_loopback_refuses_a_foreign_host() -> None:
+    with running_server() as base:
+        assert httpx.get(base + "/api/version", headers={"Host": "evil.example"}).status_code == 403
+        allowed = httpx.get(base + "/api/version", headers={"Host": "host.docker.internal:11434"})
+        assert allowed.status_code == 200
+    with running_server(allowed_hosts="ember.example.org") as base:
+        assert httpx.get(base + "/api/version", headers={"Host": "ember.example.org"}).status_code == 200
+
+
+def test_bound_to_all_addresses_there_is_no_host_check_but_keys_still_apply() -> None:
+    """Open WebUI's Docker recipe: the server bound to 0.0.0.0, called as host.docker.internal."""
+    with running_server(bind="0.0.0.0") as base:
+        for host in ("host.docker.internal:11434", "evil.example"):
+            response = httpx.get(base + "/api/tags", headers={"Host": host})
+            assert response.status_code == 200 and "models" in response.json(), host
+    with running_server(bind="0.0.0.0", api_keys=KEY) as base:
+        headers = {"Host": "host.docker.internal:11434"}
+        assert httpx.get(base + "/api/tags", headers=headers).status_code == 401
+        keyed = httpx.get(base + "/api/tags", headers={**headers, "Authorization": f"Bearer {KEY}"})
+        assert keyed.status_code == 200
 
 
 def test_cors_allows_local_origins_only(open_client: TestClient) -> None:
@@ -108,8 +145,8 @@ def test_oversized_and_malformed_bodies_get_clear_errors(open_client: TestClient
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]
     not_object = open_client.post("/api/chat", json=[1, 2])
     assert not_object.status_code == 400
-    unknown_field = open_client.post("/api/generate", json={"model": "smollm2", "prompt": "x", "bogus": 1})
-    assert unknown_field.status_code == 400 and "bogus" in unknown_field.json()["error"]
+    bad_field = open_client.post("/api/generate", json={"model": "smollm2", "prompt": "x", "think": "extreme"})
+    assert bad_field.status_code == 400 and "think" in bad_field.json()["error"]  # unknown fields are ignored
     bad_option = open_client.post(
         "/api/generate", json={"model": "smollm2", "prompt": "x", "options": {"temperature": -2}}
     )
@@ -124,11 +161,13 @@ def test_oversized_and_malformed_bodies_get_clear_errors(open_client: TestClient
         "/v1/chat/completions", json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
     )
     assert openai_missing.status_code == 404 and openai_missing.json()["error"]["message"]
-    for route, body in (("/api/generate", {"model": "~nosuchuser/x.gguf", "prompt": "x"}),
-                        ("/api/detokenize", {"model": "~nosuchuser/x", "tokens": [1]})):
+    for route, body in (
+        ("/api/generate", {"model": "~nosuchuser/x.gguf", "prompt": "x"}),
+        ("/api/detokenize", {"model": "~nosuchuser/x", "tokens": [1]}),
+    ):
         unknown_home = open_client.post(route, json=body)  # found by schemathesis: once a 500
         assert unknown_home.status_code == 404 and "home folder" in unknown_home.json()["error"]
     no_route = open_client.get("/api/nothing-here")
     assert no_route.status_code == 404 and "error" in no_route.json()
-    for response in (too_big, bad_json, unknown_field, missing, no_route):
+    for response in (too_big, bad_json, bad_field, missing, no_route):
         assert "Traceback" not in response.text

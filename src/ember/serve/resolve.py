@@ -40,12 +40,14 @@ class Limits:
     def from_settings(cls, settings: Any) -> Limits:
         return cls(settings.max_num_predict, settings.max_num_ctx, settings.max_n)
 
-    def check(self, load: LoadOptions, sampling: SamplingOptions) -> None:
-        if self.max_num_ctx is not None and load.num_ctx > self.max_num_ctx:
+    def check(self, asked: Mapping[str, Any], load: LoadOptions, sampling: SamplingOptions) -> None:
+        """Refuse what a request asks for (`asked`, its own options) above the caps; the server's defaults
+        and a model's own parameters are the operator's choice and are not capped."""
+        if "num_ctx" in asked and self.max_num_ctx is not None and load.num_ctx > self.max_num_ctx:
             raise InvalidRequestError(
                 f"num_ctx={load.num_ctx} is above this server's limit of {self.max_num_ctx} (EMBER_MAX_NUM_CTX)"
             )
-        if self.max_num_predict is not None and sampling.num_predict > self.max_num_predict:
+        if "num_predict" in asked and self.max_num_predict is not None and sampling.num_predict > self.max_num_predict:
             raise InvalidRequestError(
                 f"num_predict={sampling.num_predict} is above this server's limit of {self.max_num_predict} "
                 "(EMBER_MAX_NUM_PREDICT); ask for fewer tokens"
@@ -84,7 +86,7 @@ def resolve_request(
         raise InvalidRequestError("name a model in the request's `model` field")
     source = find_model(request.model)
     load, sampling = resolve_options(default_options, dict(source.parameters), request.options)
-    limits.check(load, sampling)
+    limits.check({k: v for k, v in (request.options or {}).items() if v is not None}, load, sampling)
     level = parse_priority(priority if priority is not None else request.priority)
     return Resolved(apply_defaults(request, source), source.name, source, load, sampling, keep_alive, level)
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.server import running_server
 
-GREEDY = {"temperature": 0}
+GREEDY = {"extra_body": {"temperature": 0}}  # this SDK sends no sampling fields of its own
 QUESTION = [{"role": "user", "content": "Which city is the capital of France? Answer in one word."}]
 WEATHER = {
     "name": "get_weather",

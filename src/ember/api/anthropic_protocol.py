@@ -65,6 +65,10 @@ class ThinkingConfig(_Lenient):
     budget_tokens: int | None = Field(None, ge=0)
 
 
+class OutputConfig(_Lenient):
+    effort: str | None = Field(None, description="low, medium, high (xhigh, max): how hard a thinking model thinks.")
+
+
 class _Conversation(_Lenient):
     model: str = Field("", description="The model's name, such as smollm2.")
     messages: list[MessageParam] = Field(min_length=1)
@@ -72,6 +76,7 @@ class _Conversation(_Lenient):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
 
     def native_messages(self) -> list[Message]:
         messages: list[Message] = []
@@ -107,14 +112,19 @@ class _Conversation(_Lenient):
             return {"type": "function", "function": {"name": choice.name}}
         return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
 
-    def think(self, model_thinks: bool) -> bool | None:
+    def think(self, model_thinks: bool) -> bool | str | None:
         """Anthropic's thinking setting as `think`. Clients such as Claude Code ask every model to think; as
         Ollama does for this API, a model that cannot think then just answers (no 400)."""
-        if self.thinking is None or self.thinking.type == "adaptive":
-            return None
-        if self.thinking.type == "disabled":
+        if self.thinking is not None and self.thinking.type == "disabled":
             return False
-        return True if model_thinks else None
+        if not model_thinks:
+            return None
+        effort = ((self.output_config and self.output_config.effort) or "").strip().lower()
+        if effort in ("low", "medium", "high", "xhigh", "max"):  # as Ollama reads it: xhigh is high
+            return "high" if effort == "xhigh" else effort
+        if self.thinking is not None and self.thinking.type == "enabled":
+            return True
+        return None
 
 
 class MessagesRequest(_Conversation):

@@ -199,7 +199,8 @@ async def count_tokens(request: Request) -> dict[str, int]:
     tools as the model sees them) and tokenized, as a request would be."""
     body = await parse_body(request, CountTokensRequest)
     source, native = await _native(body)
-    resolved = manager_of(request).prepare(native)  # the checks of a request: model, options, capabilities
+    # The checks of a request (model, options, capabilities), and the defaults it would get.
+    resolved = await asyncio.to_thread(manager_of(request).prepare, native)
     return {"input_tokens": await asyncio.to_thread(_count, source, resolved.request)}
 
 

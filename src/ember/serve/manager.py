@@ -171,7 +171,7 @@ class ModelManager:
         self, request: GenerateRequest, *, priority: str | int | None = None, timeout: float | None = None
     ) -> AsyncIterator[GenerateResponse]:
         """Stream the answer; a request with an empty prompt only loads (or, with keep_alive 0, unloads)."""
-        resolved = self.prepare(request, priority)
+        resolved = await self._prepare(request, priority)
         if not request.prompt and not request.context and not request.suffix:
             yield await self._load_only(resolved, GenerateResponse)
             return
@@ -182,7 +182,7 @@ class ModelManager:
     async def chat(
         self, request: ChatRequest, *, priority: str | int | None = None, timeout: float | None = None
     ) -> AsyncIterator[ChatResponse]:
-        resolved = self.prepare(request, priority)
+        resolved = await self._prepare(request, priority)
         if not request.messages:
             yield await self._load_only(resolved, ChatResponse)
             return
@@ -195,7 +195,7 @@ class ModelManager:
     ) -> EmbedResponse:
         """Embeddings of the request's inputs, queued like any request for the model (one slot while it runs);
         no inputs only loads the model (or, with keep_alive 0, unloads it)."""
-        resolved = self.prepare(request, priority)
+        resolved = await self._prepare(request, priority)
         if not request.inputs():
             loaded = await self._load_only(resolved, GenerateResponse)
             return EmbedResponse(
@@ -207,6 +207,10 @@ class ModelManager:
 
         results = [result async for result in self._serve(resolved, once, timeout)]
         return results[0]
+
+    async def _prepare(self, request: Any, priority: str | int | None) -> Resolved[Any]:
+        # In a worker thread: finding the model reads the store, and a first insertion reads its vocabulary.
+        return await asyncio.to_thread(self.prepare, request, priority)
 
     def prepare(self, request: Any, priority: str | int | None = None) -> Resolved[Any]:
         """Resolve and validate a request (model, options, caps, capabilities) before anything is loaded."""

@@ -290,7 +290,7 @@ class Job:
         logprobs = logprob_entries(self.model.model, update)
         final: dict[str, Any] = {}
         if update.done:
-            final = {"done": True, "done_reason": _done_reason(self.sequence)}
+            final = {"done": True, "done_reason": _done_reason(self.sequence), "stop_sequence": self._stop_sequence()}
             final.update(self.model._metrics(self.started_ns, self.sequence))
         if self.kind == "chat":
             message = Message(role="assistant", content=text, thinking=thinking or None, tool_calls=calls or None)
@@ -300,6 +300,19 @@ class Job:
         if update.done:
             final["context"] = self.sequence.prompt_tokens + self.sequence.output_tokens
         return GenerateResponse(model=name, response=text, thinking=thinking or None, logprobs=logprobs, **final)
+
+    def _stop_sequence(self) -> str | None:
+        """Which stop string ended the answer (None when the model ended it, or the length did). The engine
+        keeps the token that completed the string, so the generated text still holds it."""
+        sequence, vocabulary = self.sequence, self.model.model
+        stops, tokens = sequence.request.sampling.stop, sequence.output_tokens
+        if sequence.done_reason is not DoneReason.STOP or not stops or not tokens:
+            return None
+        if vocabulary.is_end_of_generation(tokens[-1]):
+            return None
+        text = vocabulary.detokenize(tokens)
+        found = [(text.find(stop), stop) for stop in stops if stop in text]
+        return min(found)[1] if found else None
 
     def stream_parts(self, update: SequenceUpdate) -> tuple[str, dict[str, Any] | None]:
         """A not-final update of a parsed answer as the runner sends it: plain text, or a chunk with tool calls

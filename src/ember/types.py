@@ -211,6 +211,7 @@ class GenerateResponse(Metrics):
     thinking: str | None = None  # a thinking model's reasoning, apart from the response
     done: bool = False
     done_reason: DoneReasonName | None = None
+    stop_sequence: str | None = None  # ember's addition, on the last chunk: the stop string that ended it
     context: list[int] | None = None
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
 
@@ -225,6 +226,7 @@ class ChatResponse(Metrics):
     done_reason: DoneReasonName | None = None
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
     truncated_messages: int | None = None  # ember's addition, on the last chunk: oldest messages dropped to fit
+    stop_sequence: str | None = None  # ember's addition, on the last chunk: the stop string that ended it
 
 
 class EmbedRequest(BaseModel):

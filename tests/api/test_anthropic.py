@@ -63,6 +63,12 @@ def test_max_tokens_and_stop_sequences(claude: anthropic.Anthropic) -> None:
     stopped = claude.messages.create(model="smollm2", max_tokens=60, messages=counting, stop_sequences=["5"], **GREEDY)
     text = stopped.content[0].text if stopped.content else ""
     assert "5" not in text and stopped.usage.output_tokens < 60
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "5"
+    with claude.messages.stream(
+        model="smollm2", max_tokens=60, messages=counting, stop_sequences=["5"], **GREEDY
+    ) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "stop_sequence" and streamed.stop_sequence == "5"
 
 
 def test_tool_use_and_the_tool_result_turn(claude: anthropic.Anthropic) -> None:

@@ -54,7 +54,11 @@ def is_anthropic_path(path: str) -> bool:
 
 
 def _stop_reason(final: ChatResponse, has_calls: bool) -> str:
-    return "tool_use" if has_calls else _STOP_REASONS.get(final.done_reason or "stop", "end_turn")
+    if has_calls:
+        return "tool_use"
+    if final.stop_sequence is not None:
+        return "stop_sequence"
+    return _STOP_REASONS.get(final.done_reason or "stop", "end_turn")
 
 
 def _usage(final: ChatResponse) -> dict[str, int]:
@@ -111,7 +115,7 @@ def _whole(message_id: str, model: str, answer: ChatResponse) -> dict[str, Any]:
         "model": model,
         "content": content,
         "stop_reason": _stop_reason(answer, bool(message.tool_calls)),
-        "stop_sequence": None,
+        "stop_sequence": answer.stop_sequence,
         "usage": _usage(answer),
     }
 
@@ -186,7 +190,7 @@ async def _events(message_id: str, model: str, chunks: AsyncIterator[ChatRespons
             if chunk.done:
                 for event in blocks.close():
                     yield event
-                stop = {"stop_reason": _stop_reason(chunk, bool(calls)), "stop_sequence": None}
+                stop = {"stop_reason": _stop_reason(chunk, bool(calls)), "stop_sequence": chunk.stop_sequence}
                 yield _event("message_delta", {"delta": stop, "usage": _usage(chunk)})
                 yield _event("message_stop", {})
     except EmberError as error:

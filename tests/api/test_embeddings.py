@@ -88,8 +88,8 @@ def test_openai_embeddings_float_and_base64(oai: openai.OpenAI, client: ollama.C
     assert oai.embeddings.create(model="smollm2", input=TEXTS[0]).data[0].embedding == vectors[0]
 
 
-def test_openai_embeddings_refuse_token_arrays_and_empty_input(base: str) -> None:
-    for value in ([[1, 2, 3]], [1, 2, 3], "", [""]):
+def test_openai_embeddings_refuse_empty_input(base: str) -> None:
+    for value in ("", [""], [], [[]], [[1, 2], []]):  # token ids are taken: see test_compat.py
         response = httpx.post(base + "/v1/embeddings", json={"model": "smollm2", "input": value}, timeout=60)
         assert response.status_code == 400, value
         assert response.json()["error"]["type"] == "invalid_request_error"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ember.errors import InvalidRequestError
 from ember.types import ChatRequest, Message, ToolCall, ToolCallFunction
@@ -37,7 +37,7 @@ class ContentBlock(_Lenient):
     input: dict[str, Any] | None = Field(None, description="tool_use: the arguments.")
     tool_use_id: str | None = Field(None, description="tool_result: the call it answers.")
     content: str | list[TextBlock] | None = Field(None, description="tool_result: the result, as text.")
-    is_error: bool | None = None
+    is_error: StrictBool | None = None
     thinking: str | None = None
     signature: str | None = None
 
@@ -57,7 +57,7 @@ class Tool(_Lenient):
 class ToolChoice(_Lenient):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
-    disable_parallel_tool_use: bool | None = None
+    disable_parallel_tool_use: StrictBool | None = None
 
 
 class ThinkingConfig(_Lenient):
@@ -132,7 +132,7 @@ class MessagesRequest(_Conversation):
 
     max_tokens: int = Field(ge=1, description="Most tokens to generate.")
     stop_sequences: list[str] | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from ember.options import known_options
 from ember.types import (
@@ -41,16 +41,16 @@ class OllamaBody(BaseModel):
 
 
 class _Answering(OllamaBody):
-    stream: bool | None = Field(None, description="Stream the answer as NDJSON lines (default true).")
+    stream: StrictBool | None = Field(None, description="Stream the answer as NDJSON lines (default true).")
     format: str | dict[str, Any] | None = Field(None, description='"json", or a JSON schema the answer follows.')
-    think: bool | ThinkLevel | None = Field(
+    think: StrictBool | ThinkLevel | None = Field(
         None, description="Thinking models: think first (true, low, medium, high, max) or not (false)."
     )
-    truncate: bool | None = Field(
+    truncate: StrictBool | None = Field(
         None, description="Drop the oldest part of an over-long prompt (default true); false: a 400 instead."
     )
-    shift: bool | None = Field(None, description="Accepted for Ollama's clients; ember never shifts the context.")
-    logprobs: bool | None = Field(None, description="Return each generated token's log-probability.")
+    shift: StrictBool | None = Field(None, description="Accepted for Ollama's clients; ember never shifts the context.")
+    logprobs: StrictBool | None = Field(None, description="Return each generated token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely tokens too.")
 
     @field_validator("format", mode="after")
@@ -81,7 +81,7 @@ class OllamaGenerateRequest(_Answering):
     system: str | None = Field(None, description="A system prompt, instead of the model's own.")
     template: str | None = Field(None, description="A chat template (Jinja), instead of the model's own.")
     context: list[int] | None = Field(None, description="The context of an earlier answer, to continue it.")
-    raw: bool | None = Field(None, description="Send the prompt as it is, without the chat template.")
+    raw: StrictBool | None = Field(None, description="Send the prompt as it is, without the chat template.")
     images: list[str] | None = Field(None, description="Base64 images, for models that see.")
 
     def to_native(self) -> GenerateRequest:
@@ -186,7 +186,7 @@ class OllamaEmbedRequest(OllamaBody):
     """POST /api/embed"""
 
     input: str | list[str] = Field("", description="A text or a list of texts; empty only loads the model.")
-    truncate: bool | None = Field(None, description="Cut an input longer than num_ctx (default true).")
+    truncate: StrictBool | None = Field(None, description="Cut an input longer than num_ctx (default true).")
     dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions (then normalized).")
 
     def to_native(self) -> EmbedRequest:
@@ -223,7 +223,7 @@ class OllamaModelRequest(BaseModel):
 
     model: str | None = Field(None, description="The model's name.")
     name: str | None = Field(None, description="The model's name (older clients).")
-    verbose: bool | None = Field(None, description="/api/show: accepted; the long arrays are left out either way.")
+    verbose: StrictBool | None = Field(None, description="/api/show: accepted; long arrays are left out anyway.")
 
     def model_name(self) -> str | None:
         return self.model or self.name or None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from ember.api.openai_logprobs import MAX_TOP_LOGPROBS
 from ember.errors import InvalidRequestError
@@ -31,7 +31,7 @@ class OpenAIBody(BaseModel):
     n: int = Field(1, ge=1, description="Answers to generate, side by side (each its own choice).")
     seed: int | None = Field(None, description="Seed; choice i uses seed + i.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the answer.")
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -160,11 +160,11 @@ class ChatCompletionRequest(OpenAIBody):
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (newer name).")
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[OpenAITool] | None = None
     tool_choice: str | dict[str, Any] | None = Field(None, description='"none", "auto", "required" or a function.')
-    parallel_tool_calls: bool | None = Field(None, description="Accepted; calls are read as the model writes them.")
+    parallel_tool_calls: StrictBool | None = Field(None, description="Accepted; calls are read as written.")
     reasoning_effort: ThinkLevel | Literal["none", "minimal"] | None = Field(
         None, description="Thinking models: low, medium or high; none turns thinking off."
     )
@@ -210,7 +210,7 @@ class CompletionRequest(OpenAIBody):
         "", description="A prompt, a list of prompts, or prompts as token ids of the model's vocabulary."
     )
     suffix: str | None = Field(None, description="Text after the completion: fill in the middle (FIM models).")
-    echo: bool | None = Field(None, description="Put the prompt before the completion.")
+    echo: StrictBool | None = Field(None, description="Put the prompt before the completion.")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="The N most likely tokens too.")
     best_of: int | None = Field(None, ge=1, description="Accepted; each of the n answers is its own sequence.")
 

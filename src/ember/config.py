@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     max_num_predict: int = Field(32768, ge=1, description="Cap on num_predict / max_tokens per request.")
     max_num_ctx: int = Field(131072, ge=256, description="Cap on num_ctx per request.")
     max_n: int = Field(8, ge=1, description="Cap on n (completions per request) in the OpenAI API.")
+    deterministic: bool = Field(
+        False, description="Prefill in exact 48-token chunks: temp-0 answers never depend on the KV cache (slower)."
+    )
+    kv_cache_ram: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes of host RAM per loaded model for the KV of conversations whose slot was reused "
+        "(LRU); default a quarter of the available memory, at most 8 GiB; 0 disables it.",
+    )
+    load_timeout: float = Field(300.0, gt=0, description="Seconds a model may take to load before the load fails.")
 
     @property
     def host_and_port(self) -> tuple[str, int]:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ember.config import settings
 from ember.embeddings import Embedder, EmbedJob
 from ember.engine.engine import Engine
 from ember.engine.llamacpp import LlamaModel
@@ -21,6 +22,7 @@ from ember.errors import EngineError, InvalidRequestError
 from ember.logprobs import logprob_entries, requested_logprobs
 from ember.options import SAMPLING_OPTION_NAMES, LoadOptions, SamplingOptions, sampling_options
 from ember.prompt import PromptBuilder, grammar_for_format
+from ember.serve.memory import system_memory
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.resolve import ModelSource
 from ember.tools import ToolCallParser, ToolPlan
@@ -48,7 +50,12 @@ class LoadedModel:
         self.info: GGUFInfo = read_gguf(source.path)  # refuse a damaged file before llama.cpp reads it
         self.model = LlamaModel(source.path, options, adapters=source.adapters)
         try:
-            self.engine = Engine(self.model, options)
+            self.engine = Engine(
+                self.model,
+                options,
+                deterministic=options.deterministic or settings().deterministic,
+                host_cache_bytes=host_cache_budget(),
+            )
             self.prompts = PromptBuilder(
                 self.model, template=source.template, system=source.system, messages=source.messages
             )
@@ -157,11 +164,6 @@ class LoadedModel:
         """Lowest level: stream a raw completion of prompt tokens (used by the llama-cpp-python style call)."""
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
         yield from self._run(self._submit(tokens, sampling, grammar))
-
-    def run_many(self, prompts: list[list[int]], samplings: list[SamplingOptions]) -> Iterator[SequenceUpdate]:
-        """Decode several prompts together, one shared batch per step; updates arrive interleaved."""
-        sequences = [self._submit(tokens, sampling, None) for tokens, sampling in zip(prompts, samplings, strict=True)]
-        yield from self._run(*sequences)
 
     # --- internals -----------------------------------------------------------------------------------
 
@@ -286,6 +288,14 @@ class Job:
         if chunk.message.tool_calls:
             return "", chunk.model_dump()
         return chunk.message.content, None
+
+
+def host_cache_budget() -> int:
+    """EMBER_KV_CACHE_RAM, else a quarter of the available memory, at most 8 GiB (llama-server's --cache-ram)."""
+    configured = settings().kv_cache_ram
+    if configured is not None:
+        return configured
+    return min(8 << 30, system_memory().available // 4)
 
 
 def _done_reason(sequence: Sequence) -> str:

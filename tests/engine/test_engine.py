@@ -165,11 +165,11 @@ def test_a_second_chat_turn_reuses_the_first_turns_kv_and_gives_the_same_text(pa
     reused = parallel_model.chat(second_turn, num_predict=24, temperature=0, repeat_penalty=1.0)
     assert reused.prompt_cached_count > 20
     engine.forget_cache()
-    engine.prefix_reuse = False
+    engine.scheduler.prefix_reuse = False
     try:
         fresh = parallel_model.chat(second_turn, num_predict=24, temperature=0, repeat_penalty=1.0)
     finally:
-        engine.prefix_reuse = True
+        engine.scheduler.prefix_reuse = True
     assert fresh.prompt_cached_count == 0
     assert fresh.message.content == reused.message.content
     assert fresh.prompt_eval_count == reused.prompt_eval_count + reused.prompt_cached_count

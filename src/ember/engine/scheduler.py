@@ -9,9 +9,10 @@ Slot choice is by value: a new prompt can start from the KV a free slot already 
 chat), from a copy of another slot's KV (one system prompt shared by many users), or from KV kept in host RAM
 (a conversation whose slot was given to others). Each free slot is scored by the prompt tokens it lets the
 sequence skip, minus the cached tokens that taking it would destroy; tokens saved to host RAM first are not
-destroyed. So an empty or least valuable slot is taken before a slot whose cache would be lost for a tiny
-gain (llama-server's rule instead takes any slot sharing more than 10% of the prompt, and otherwise the least
-recently used).
+destroyed, but moving them costs two copies. A slot holding another conversation is taken only to continue
+it (keeping at least half of what it holds) or when no free slot is empty; so an empty or least valuable slot
+is taken before a slot whose cache would be lost for a tiny gain. (llama-server takes any free slot sharing
+more than 10% of the prompt, even when that destroys most of its cache, and otherwise the least recently used.)
 
 Prefill: on the CPU, llama.cpp computes a sequence's rows in one ubatch bit for bit like one row at a time
 while they are fewer than 64 (measured with SmolLM2 Q4_1; larger ubatches use another kernel with other
@@ -356,7 +357,8 @@ class Scheduler:
             if len(free) < 1 + len(sequence.forks):
                 return
             self.waiting.popleft()
-            choice = self._choose(sequence, free, busy)
+            # Copying from a free slot makes it busy for this step: only when the forks still find enough others.
+            choice = self._choose(sequence, free, busy, copy_free=len(free) > 1 + len(sequence.forks))
             self._take(plan, sequence, choice)
             busy.add(choice.slot.index)
             if choice.copy_from is not None:
@@ -367,7 +369,7 @@ class Scheduler:
                 self._take(plan, fork, fork_choice)
                 busy.add(fork_choice.slot.index)
 
-    def _choose(self, sequence: Sequence, free: list[Slot], busy: set[int]) -> _Choice:
+    def _choose(self, sequence: Sequence, free: list[Slot], busy: set[int], *, copy_free: bool) -> _Choice:
         prompt = sequence.prompt_tokens
         usable = len(prompt) - 1  # the last prompt token is decoded again: its logits give the first new token
         if not self.prefix_reuse:
@@ -375,7 +377,7 @@ class Scheduler:
         # Where else the prefix is: other slots (copied whole, num_ctx cells) and host RAM (its own cells).
         sources: list[tuple[int, int | None, int | None]] = []  # (tokens saved, copy_from, restore)
         for slot in self.slots:
-            if slot.index in busy:
+            if slot.index in busy or (slot.owner is None and not copy_free):
                 continue
             common = min(common_prefix(slot.content(), prompt), usable)
             if common > self.costs.copy_worth(self.num_ctx):
@@ -384,12 +386,19 @@ class Scheduler:
         if entry is not None and min(common, usable) > self.costs.copy_worth(len(entry.tokens)):
             sources.append((min(common, usable), None, entry.id))
 
-        def score(choice: _Choice) -> tuple[int, bool, bool, bool, int]:
+        def score(choice: _Choice) -> tuple[bool, int, bool, bool, bool, int]:
             slot = choice.slot
             kept = choice.keep if choice.source is CacheSource.SLOT else 0
-            destroyed = 0 if self._preserved(slot) else len(slot.tokens) - kept
+            displaced = len(slot.tokens) - kept
+            if displaced == 0:
+                loss = 0
+            elif self._preserved(slot):  # saved to host RAM now, restored if it comes back: two copies
+                loss = 2 * self.costs.copy_worth(len(slot.tokens))
+            else:
+                loss = displaced
             return (
-                choice.keep - destroyed,
+                displaced == 0 or kept >= displaced,  # displace another's cache only to continue it, or when full
+                choice.keep - loss,
                 choice.copy_from is None and choice.restore is None,
                 not slot.tokens,
                 self._adjacent(slot.index),

@@ -301,3 +301,68 @@ def test_a_dead_runner_is_replaced_on_the_next_request(models: dict[str, ModelSo
         await manager.close()
 
     asyncio.run(scenario())
+
+
+class SlowLoadingRunner(FakeRunner):
+    """A FakeRunner whose load of model "b" waits until the test lets it finish."""
+
+    release: asyncio.Event
+
+    async def start(self) -> dict[str, Any]:
+        if self.source.name == "b:latest":
+            await SlowLoadingRunner.release.wait()
+        return await super().start()
+
+
+def test_loading_one_model_never_blocks_requests_to_another(models: dict[str, ModelSource]) -> None:
+    async def scenario() -> None:
+        SlowLoadingRunner.release = asyncio.Event()
+        manager = _manager(models, runner_factory=SlowLoadingRunner)
+        await _ask(manager, "a")
+        loading_b = asyncio.create_task(_ask(manager, "b"))
+        also_b = asyncio.create_task(_ask(manager, "b"))
+        await asyncio.sleep(0.05)
+        assert not loading_b.done()
+        answered = await asyncio.wait_for(_ask(manager, "a", "during"), 2)  # a is served while b loads
+        assert answered[-1].done and not loading_b.done()
+        SlowLoadingRunner.release.set()
+        await asyncio.gather(loading_b, also_b)
+        assert [name for name, _ in FakeRunner.started] == ["a:latest", "b:latest"]  # one load for both requests
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_load_that_takes_too_long_fails_with_a_clear_error(models: dict[str, ModelSource]) -> None:
+    async def scenario() -> None:
+        SlowLoadingRunner.release = asyncio.Event()
+        manager = _manager(models, runner_factory=SlowLoadingRunner, load_timeout=0.1)
+        requests = [asyncio.create_task(_ask(manager, "b")) for _ in range(2)]
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        for result in results:
+            assert isinstance(result, ModelLoadError) and "longer than 0.1 s" in str(result)
+            assert "EMBER_LOAD_TIMEOUT" in str(result)
+        assert manager.entries == {} and not manager._loading
+        SlowLoadingRunner.release.set()
+        assert (await _ask(manager, "b"))[-1].done  # the next request loads it afresh
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_load_fails_the_requests_that_waited_for_it_once(models: dict[str, ModelSource]) -> None:
+    async def scenario() -> None:
+        manager = _manager(models)
+        attempts = []
+
+        def fail(options: LoadOptions) -> str:
+            attempts.append(options)
+            return "unknown model architecture: 'mamba9'"
+
+        FakeRunner.fail_when = fail
+        results = await asyncio.gather(*(_ask(manager, "a") for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(result, ModelLoadError) and "mamba9" in str(result) for result in results)
+        assert len(attempts) == 1
+        await manager.close()
+
+    asyncio.run(scenario())

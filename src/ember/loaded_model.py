@@ -38,6 +38,7 @@ from ember.types import (
 )
 
 log = logging.getLogger(__name__)
+_SEEDS = 2**32 - 1  # llama.cpp's seeds are 0 .. 2**32 - 2 (2**32 - 1 means random)
 
 
 class LoadedModel:
@@ -104,17 +105,19 @@ class LoadedModel:
         """Stream the next assistant message; the last chunk has done=True and the timings."""
         yield from self._answer(self.start_chat(request))
 
-    def _answer(self, job: Job | GenerateResponse | ChatResponse) -> Iterator[Any]:
-        if not isinstance(job, Job):  # answered at once (a load-only request)
-            yield job
+    def _answer(self, jobs: list[Job] | GenerateResponse | ChatResponse) -> Iterator[Any]:
+        if not isinstance(jobs, list):  # answered at once (a load-only request)
+            yield jobs
             return
+        (job,) = jobs
         for update in self._run(job.sequence):
             chunk = job.chunk(update)
             if chunk is not None:
                 yield chunk
 
-    def start_generate(self, request: GenerateRequest) -> Job | GenerateResponse:
-        """Submit a generate request to the engine; a request with nothing to generate gets its answer now."""
+    def start_generate(self, request: GenerateRequest, choices: int = 1) -> list[Job] | GenerateResponse:
+        """Submit a generate request to the engine (`choices` completions of it: its prompt is prefilled once);
+        a request with nothing to generate gets its answer now."""
         started = time.perf_counter_ns()
         sampling = self.sampling_for(request.options)
         if request.images:
@@ -130,11 +133,14 @@ class LoadedModel:
         if request.context:
             tokens = list(request.context) + tokens
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=request.truncate)
-        sequence = self._submit(tokens, sampling, grammar_for_format(request.format), requested_logprobs(request))
-        return Job(self, "generate", sequence, started)
+        sequences = self._submit_choices(
+            tokens, sampling, grammar_for_format(request.format), requested_logprobs(request), choices
+        )
+        return [Job(self, "generate", sequence, started) for sequence in sequences]
 
-    def start_chat(self, request: ChatRequest) -> Job | ChatResponse:
-        """Submit a chat request to the engine; a request with no messages gets its answer now."""
+    def start_chat(self, request: ChatRequest, choices: int = 1) -> list[Job] | ChatResponse:
+        """Submit a chat request to the engine (`choices` completions, prefilled once); a request with no
+        messages gets its answer now."""
         started = time.perf_counter_ns()
         sampling = self.sampling_for(request.options)
         messages = to_messages(request.messages)
@@ -153,10 +159,9 @@ class LoadedModel:
             template=request.template,
             tools=plan.template_tools(),
         )
-        sequence = self._submit(
-            tokens, sampling, plan.grammar() or grammar_for_format(request.format), requested_logprobs(request)
-        )
-        return Job(self, "chat", sequence, started, tool_parser=plan.parser())
+        grammar = plan.grammar() or grammar_for_format(request.format)
+        sequences = self._submit_choices(tokens, sampling, grammar, requested_logprobs(request), choices)
+        return [Job(self, "chat", sequence, started, tool_parser=plan.parser()) for sequence in sequences]
 
     def complete_tokens(
         self, tokens: list[int], sampling: SamplingOptions, grammar: str | None = None, truncate: bool = False
@@ -174,6 +179,24 @@ class LoadedModel:
         request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs)
         with self._lock:
             return self.engine.submit(request)
+
+    def _submit_choices(
+        self, tokens: list[int], sampling: SamplingOptions, grammar: str | None, logprobs: int | None, choices: int
+    ) -> list[Sequence]:
+        """`choices` completions of one prompt. They fork from one prefill when the slots allow it; choice i
+        samples with seed + i when a seed is set, as separate requests would."""
+        if choices == 1:
+            return [self._submit(tokens, sampling, grammar, logprobs)]
+        samplings = [
+            sampling if sampling.seed < 0 else sampling.model_copy(update={"seed": (sampling.seed + i) % _SEEDS})
+            for i in range(choices)
+        ]
+        if choices > self.options.num_parallel:  # not all at once: one after another, through the prefix cache
+            return [self._submit(tokens, each, grammar, logprobs) for each in samplings]
+        room = self.options.num_ctx - len(tokens)
+        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs)
+        with self._lock:
+            return self.engine.submit_forks(request, samplings[1:])
 
     def _run(self, *sequences: Sequence) -> Iterator[SequenceUpdate]:
         updates = self.engine.run(sequences)
@@ -280,13 +303,14 @@ class Job:
             **self.model._metrics(self.started_ns, self.sequence),
         )
 
-    def stream_parts(self, update: SequenceUpdate) -> tuple[str, dict[str, Any] | None]:
-        """For a chat with tools, a not-final update as the runner sends it: plain text, or a chunk with calls."""
+    def stream_parts(self, update: SequenceUpdate) -> tuple[str, ChatResponse | None]:
+        """For a chat with tools, a not-final update as the runner sends it: plain text, or a chunk with calls
+        (without logprobs: the runner sends those with the text)."""
         chunk = self.chunk(update)
-        if chunk is None:
+        if not isinstance(chunk, ChatResponse):
             return "", None
         if chunk.message.tool_calls:
-            return "", chunk.model_dump()
+            return "", chunk.model_copy(update={"logprobs": None})
         return chunk.message.content, None
 
 

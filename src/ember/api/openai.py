@@ -2,7 +2,8 @@
 
 Only the fields a request gives become options, so a model's own defaults (and Ollama's) apply otherwise, as
 Ollama's OpenAI compatibility does. Streams are server-sent events ending in `data: [DONE]`. `n` > 1 runs n
-sequences side by side (seeds seed, seed+1 ... when a seed is given), each a choice with its own index.
+sequences side by side from one prefill of the prompt (seeds seed, seed+1 ... when a seed is given), each a
+choice with its own index.
 Logprobs (chat `logprobs`/`top_logprobs`, completions `logprobs: N`) come from the raw logits: see
 openai_logprobs.py. `logit_bias` becomes the sampling option of that name; `repeat_penalty` (llama.cpp
 server's extension) is taken too, since Ollama's default of 1.1 applies otherwise.
@@ -11,6 +12,7 @@ server's extension) is taken too, since Ollama's default of 1.1 applies otherwis
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -129,44 +131,10 @@ def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Chunks of several streams as they come, tagged with their index; an error in one ends all."""
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
-        return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    done = object()
-
-    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
-        try:
-            async for chunk in stream:
-                await queue.put((index, chunk))
-        except BaseException as error:  # delivered to the reader, which re-raises it
-            await queue.put((index, error))
-            return
-        await queue.put((index, done))
-
-    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            index, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
-    if index and "seed" in options:
-        return {**options, "seed": options["seed"] + index}
-    return options
+async def _tagged(stream: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
+    """One completion's chunks in the shape of several: (0, chunk)."""
+    async for chunk in stream:
+        yield 0, chunk
 
 
 def _finish_reason(final: Any) -> str:
@@ -189,12 +157,15 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-async def _stream(request: Request, make: Any, n: int, shape: Any) -> AsyncIterator[tuple[int, Any]]:
+async def _stream(request: Request, one: Any, many: Any, n: int) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, chunk) of the n completions; n > 1 share one prefill of the prompt (the manager's
+    *_choices calls, where choice i samples with seed + i when a seed is set)."""
     manager = manager_of(request)
     priority = request.headers.get(PRIORITY_HEADER)
     timeout = request.app.state.settings.request_timeout
-    streams = [make(manager, index, priority, timeout) for index in range(n)]
-    return await first_then_rest(_merged(streams))
+    if n == 1:
+        return await first_then_rest(_tagged(one(manager)(priority=priority, timeout=timeout)))
+    return await first_then_rest(many(manager)(n, priority=priority, timeout=timeout))
 
 
 @router.post("/v1/chat/completions", openapi_extra=schemas.OPENAI_CHAT)
@@ -229,12 +200,12 @@ async def chat_completions(request: Request) -> Response:
         **chat_fields(body),
     )
 
-    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
-        return manager.chat(
-            base.model_copy(update={"options": _seeded(options, index)}), priority=priority, timeout=timeout
-        )
-
-    chunks = await _stream(request, make, n, None)
+    chunks = await _stream(
+        request,
+        lambda manager: functools.partial(manager.chat, base),
+        lambda manager: functools.partial(manager.chat_choices, base),
+        n,
+    )
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": completion_id, "created": created, "model": model, "system_fingerprint": "ember"}
     if not body.get("stream"):
@@ -346,12 +317,12 @@ async def completions(request: Request) -> Response:
     )
     offsets = Offsets(n, len(prompt) if echo else 0)  # where each choice's generated text starts
 
-    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
-        return manager.generate(
-            base.model_copy(update={"options": _seeded(options, index)}), priority=priority, timeout=timeout
-        )
-
-    chunks = await _stream(request, make, n, None)
+    chunks = await _stream(
+        request,
+        lambda manager: functools.partial(manager.generate, base),
+        lambda manager: functools.partial(manager.generate_choices, base),
+        n,
+    )
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),

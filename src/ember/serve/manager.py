@@ -79,6 +79,10 @@ class Runner(Protocol):
 
     def chat(self, request: ChatRequest) -> AsyncIterator[ChatResponse]: ...
 
+    def generate_choices(self, request: GenerateRequest, n: int) -> AsyncIterator[tuple[int, GenerateResponse]]: ...
+
+    def chat_choices(self, request: ChatRequest, n: int) -> AsyncIterator[tuple[int, ChatResponse]]: ...
+
     async def embed(self, request: EmbedRequest) -> EmbedResponse: ...
 
     async def stop(self, timeout: float = 5.0) -> None: ...
@@ -185,6 +189,20 @@ class ModelManager:
             return
         async for chunk in self._serve(request, lambda runner: runner.chat(request), priority, timeout):
             yield chunk
+
+    async def generate_choices(
+        self, request: GenerateRequest, n: int, *, priority: str | int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[tuple[int, GenerateResponse]]:
+        """`n` completions of one prompt, as (choice index, chunk): the runner prefills the prompt once and the
+        others copy its KV (choice i samples with seed + i when a seed is set). One place in the queue."""
+        async for item in self._serve(request, lambda runner: runner.generate_choices(request, n), priority, timeout):
+            yield item
+
+    async def chat_choices(
+        self, request: ChatRequest, n: int, *, priority: str | int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[tuple[int, ChatResponse]]:
+        async for item in self._serve(request, lambda runner: runner.chat_choices(request, n), priority, timeout):
+            yield item
 
     async def embed(
         self, request: EmbedRequest, *, priority: str | int | None = None, timeout: float | None = None

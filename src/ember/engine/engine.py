@@ -253,7 +253,9 @@ class Engine:
         self.executor.drop_host()
 
     def close(self) -> None:
-        for sequence in list(self.scheduler.running) + list(self.scheduler.waiting):
+        while self.scheduler.waiting:  # cancelling a waiting parent puts its forks back in the queue, alone
+            self.cancel(self.scheduler.waiting[0])
+        for sequence in list(self.scheduler.running):
             self.cancel(sequence)
         self.step()  # ends the cancelled sequences and frees their samplers
         self.executor.close()

@@ -202,21 +202,21 @@ class RunnerProcess:
             while remaining:
                 event = await queue.get()
                 if isinstance(event, Failed):
-                    remaining = 0
                     raise error_from_tuple(event.error)
                 if isinstance(event, _Crashed):
-                    remaining = 0
                     raise RunnerCrashedError(
                         f"the runner for {self.source.name} stopped unexpectedly ({event.status}) during this "
                         "request; the next request starts a fresh one"
                     )
-                if isinstance(event, Done | Embedded):
-                    remaining = 0 if isinstance(event, Embedded) or event.final.done_reason == "load" else remaining - 1
+                if isinstance(event, Embedded) or (isinstance(event, Done) and event.final.done_reason == "load"):
+                    remaining = 0
+                elif isinstance(event, Done):
+                    remaining -= 1
                 index = event.index if isinstance(event, Text | ToolCalls | Done) else 0
                 yield index, event
         finally:
             self._streams.pop(request_id, None)
-            if remaining and self.alive:  # the caller went away: free the slots in the engine
+            if remaining and self.alive:  # the caller went away, or a choice failed: free the others' slots
                 with contextlib.suppress(OSError, EmberError):
                     self._send(Cancel(request_id))
 

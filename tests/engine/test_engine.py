@@ -212,3 +212,22 @@ def test_forks_share_the_prompt_and_match_separate_runs(
     assert prefilled[0] == len(tokens)  # the prompt was decoded once, not three times
     assert all(fork.cached_tokens == len(tokens) for fork in sequences[1:])
     assert len({tuple(tokens) for tokens in alone}) > 1
+
+
+def test_by_default_a_prompt_is_prefilled_in_whole_batches(model: ember.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = model.loaded.engine
+    assert not engine.deterministic
+    engine.forget_cache()
+    sizes: list[int] = []
+    real_decode = engine.context.decode
+
+    def spying_decode(batch: TokenBatch) -> None:
+        sizes.append(batch.size)
+        real_decode(batch)
+
+    monkeypatch.setattr(engine.context, "decode", spying_decode)
+    tokens = model.tokenize("word " * 300)[:300]
+    sequence = engine.submit(SequenceRequest(tokens, sampling_options({"temperature": 0}), 2))
+    for _ in engine.run([sequence]):
+        pass
+    assert sizes[0] == 300 and sequence.eval_count == 2

@@ -30,7 +30,7 @@ class Executor:
         self.batch = TokenBatch(max(options.num_batch, options.num_parallel))
         self.costs = costs
         self._samplers: dict[int, Sampler] = {}
-        self._host: dict[int, bytes] = {}  # host-RAM KV entries by the scheduler's entry id
+        self._host: dict[int, bytearray] = {}  # host-RAM KV entries by the scheduler's entry id
 
     @property
     def host_bytes(self) -> int:
@@ -76,7 +76,7 @@ class Executor:
             if setup.copy_from is not None:
                 self.context.copy_sequence(setup.copy_from, setup.slot)
             elif setup.restore is not None:
-                data = self._host.pop(setup.restore, b"")
+                data = self._host.pop(setup.restore, bytearray())
                 started = time.perf_counter()
                 if not data or not self.context.restore_sequence(setup.slot, data):
                     log.warning("could not restore KV into slot %d; prefilling %d tokens", setup.slot, setup.keep)

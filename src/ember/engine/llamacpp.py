@@ -441,19 +441,19 @@ class LlamaContext:
         """Bytes `save_sequence` would return for this sequence's KV."""
         return int(lib.llama_state_seq_get_size(self.handle, seq_id))
 
-    def save_sequence(self, seq_id: int) -> bytes:
+    def save_sequence(self, seq_id: int) -> bytearray:
         """A copy of one sequence's KV cells (only the cells it uses), for `restore_sequence`."""
         size = self.state_size(seq_id)
-        buffer = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(self.handle, buffer, size, seq_id)
+        data = bytearray(size)  # llama.cpp writes straight into it: one copy, not two
+        written = lib.llama_state_seq_get_data(self.handle, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id)
         if written != size:
             raise EngineError(f"llama.cpp saved {written} of {size} bytes of sequence {seq_id}'s KV")
-        return bytes(buffer)
+        return data
 
-    def restore_sequence(self, seq_id: int, data: bytes) -> bool:
+    def restore_sequence(self, seq_id: int, data: bytearray) -> bool:
         """Put KV saved by `save_sequence` (from any sequence of a context like this) into `seq_id`, replacing
         what it held. False if llama.cpp refused it (then the sequence holds nothing)."""
-        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
         if lib.llama_state_seq_set_data(self.handle, buffer, len(data), seq_id) == 0:
             self.forget(seq_id)
             return False

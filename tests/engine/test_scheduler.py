@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ember
-from ember.engine.scheduler import EXACT_CHUNK, ITL_FACTOR, Scheduler, StepCosts, StepPlan, common_prefix
+from ember.engine.scheduler import (
+    EXACT_CHUNK,
+    ITL_BURST_STEPS,
+    ITL_FACTOR,
+    Scheduler,
+    StepCosts,
+    StepPlan,
+    common_prefix,
+)
 from ember.engine.sequence import CacheSource, DoneReason, Phase, Sequence, SequenceRequest
 from ember.options import sampling_options
 
@@ -185,8 +193,13 @@ def test_prefill_next_to_decoding_streams_is_bounded_to_keep_their_step_time() -
     step(scheduler)
     long_prompt = sequence(list(range(100, 1100)))
     scheduler.add(long_prompt)
-    plan = step(scheduler)
-    assert plan.decode_rows == 2 and plan.prefill_tokens == 10
+    burst = step(scheduler)  # after steps that prefilled nothing beside them, a burst of ITL_BURST_STEPS budgets
+    assert burst.decode_rows == 2 and burst.prefill_tokens == ITL_BURST_STEPS * 10
+    steady = [step(scheduler) for _ in range(3)]
+    assert [plan.prefill_tokens for plan in steady] == [10, 10, 10]  # then the steady budget
+    for stream in streams:
+        scheduler.cancel(stream)
+    assert step(scheduler).prefill_tokens == 512  # nothing decoding: whole batches
     alone = make(slots=1, costs=costs)
     alone.add(sequence(list(range(100, 1100))))
     assert alone.schedule().prefill_tokens == 512  # nothing decoding: whole batches

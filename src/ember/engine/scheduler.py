@@ -20,7 +20,8 @@ rounding). By default a prompt is prefilled in whole num_batch chunks, the faste
 each sequence's chunk at EXACT_CHUNK tokens, so a reused or restored prefix gives exactly the text a fresh run
 gives. Either way, while other sequences are generating, a step prefills at most as many tokens as fit in one
 more decode step's time (see `StepCosts.prefill_budget`), so their inter-token latency stays within
-ITL_FACTOR times that of a decode-only step.
+ITL_FACTOR times that of a decode-only step; what earlier steps left unspent (up to ITL_BURST_STEPS budgets)
+lets a short prompt in at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from ember.engine.sequence import CacheSource, DoneReason, Phase, Sequence
 
 EXACT_CHUNK = 48  # prompt tokens per sequence per step in deterministic mode: below llama.cpp's 64-row switch
 ITL_FACTOR = 2.0  # a step with prefill may take this many times a decode-only step (the issue's target)
+# A short prompt may be taken whole in one step, up to the budget of this many steps, when the steps before
+# spent less than theirs: so a short request arriving while streams decode waits one step, not several,
+# while a long prompt still runs at the steady budget (the streams' steps stay within ITL_FACTOR).
+ITL_BURST_STEPS = 4
 # Until copies and prefill are timed here: copying one KV cell is taken to cost a hundredth of prefilling one
 # token (measured with SmolLM2 on 2 CPU cores: about 1/700; larger models prefill slower still per KV byte).
 PRIOR_COPY_RATIO = 0.01
@@ -62,12 +67,14 @@ class SlotSetup:
 
 @dataclass(frozen=True, slots=True)
 class BatchRows:
-    """One sequence's tokens in the batch, from position `start`; `sample`: its last row's logits are used."""
+    """One sequence's tokens in the batch, from position `start`; `sample`: its last row's logits are used;
+    `prefill`: prompt tokens (else the one token a generating sequence sampled last)."""
 
     sequence: Sequence
     tokens: list[int]
     start: int
     sample: bool
+    prefill: bool
 
 
 @dataclass
@@ -83,11 +90,11 @@ class StepPlan:
 
     @property
     def decode_rows(self) -> int:
-        return sum(1 for rows in self.rows if rows.sequence.phase is Phase.DECODE)
+        return sum(1 for rows in self.rows if not rows.prefill)
 
     @property
     def prefill_tokens(self) -> int:
-        return sum(len(rows.tokens) for rows in self.rows if rows.sequence.phase is Phase.PREFILL)
+        return sum(len(rows.tokens) for rows in self.rows if rows.prefill)
 
 
 class StepCosts:
@@ -276,6 +283,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self._clock = 0
         self._fork_copies: list[tuple[int, Sequence]] = []  # (parent slot, fork) to copy at the next step
+        self._prefill_credit = 0  # prompt tokens unspent by recent steps next to generating streams
 
     # --- sequences in and out ---------------------------------------------------------------------------
 
@@ -464,10 +472,9 @@ class Scheduler:
     def _fill_batch(self, plan: StepPlan) -> None:
         decoding = [s for s in self.running if s.phase is Phase.DECODE]
         budget = self.batch_capacity - len(decoding)
-        if decoding:
-            bound = self.costs.prefill_budget(len(decoding))
-            if bound is not None:
-                budget = min(budget, bound)
+        bound = self.costs.prefill_budget(len(decoding)) if decoding else None
+        if bound is not None:
+            budget = min(budget, bound + self._prefill_credit)
         chunk_limit = EXACT_CHUNK if self.deterministic else self.batch_capacity
         chunks: dict[int, int] = {}
         for sequence in self.running:  # the earliest admitted prompt gets the budget first
@@ -475,13 +482,18 @@ class Scheduler:
                 take = min(len(sequence.prompt_tokens) - sequence.n_past, chunk_limit, budget)
                 chunks[sequence.id] = take
                 budget -= take
+        if bound is None:  # nothing generating (or nothing measured yet): the next burst may be whole
+            self._prefill_credit = (ITL_BURST_STEPS - 1) * (self.costs.prefill_budget(1) or 0)
+        else:
+            spent = sum(chunks.values())
+            self._prefill_credit = max(0, min((ITL_BURST_STEPS - 1) * bound, self._prefill_credit + bound - spent))
         for sequence in sorted(self.running, key=lambda s: s.slot):
             if sequence.phase is Phase.DECODE:
-                plan.rows.append(BatchRows(sequence, [sequence.next_token], sequence.n_past, True))
+                plan.rows.append(BatchRows(sequence, [sequence.next_token], sequence.n_past, True, False))
             elif sequence.id in chunks:
                 start, end = sequence.n_past, sequence.n_past + chunks[sequence.id]
                 tokens = sequence.prompt_tokens[start:end]
-                plan.rows.append(BatchRows(sequence, tokens, start, end == len(sequence.prompt_tokens)))
+                plan.rows.append(BatchRows(sequence, tokens, start, end == len(sequence.prompt_tokens), True))
 
     # --- after the step --------------------------------------------------------------------------------
 

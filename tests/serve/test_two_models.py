@@ -47,9 +47,8 @@ def test_loading_a_second_model_while_a_stream_of_the_first_keeps_producing_toke
             while gemma.MODEL_NAME not in manager._loading:
                 await asyncio.sleep(0.005)
             # A new request to the first model during the load is answered at once, not after it.
-            short = GenerateRequest(
-                model="smollm2", prompt="Hi", options={"num_predict": 3, "num_ctx": 4096, "num_parallel": 2}
-            )
+            options = {"num_predict": 3, "num_ctx": 4096, "num_parallel": 2}
+            short = GenerateRequest(model="smollm2", prompt="Hello", raw=True, options=options)
             answered, answered_during_load = [], False
             async for chunk in manager.generate(short):
                 if chunk.response and not answered_during_load:

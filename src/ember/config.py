@@ -44,6 +44,16 @@ class Settings(BaseSettings):
         description="How /v1/embeddings reads token-id inputs: a tiktoken encoding (cl100k_base: what OpenAI "
         "clients such as LangChain's OpenAIEmbeddings send), or `model` for the model's own token ids.",
     )
+    deterministic: bool = Field(
+        False, description="Prefill in exact 48-token chunks: temp-0 answers never depend on the KV cache (slower)."
+    )
+    kv_cache_ram: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes of host RAM per loaded model for the KV of conversations whose slot was reused "
+        "(LRU); default a quarter of the available memory, at most 8 GiB; 0 disables it.",
+    )
+    load_timeout: float = Field(300.0, gt=0, description="Seconds a model may take to load before the load fails.")
 
     @property
     def host_and_port(self) -> tuple[str, int]:

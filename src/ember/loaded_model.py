@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ember.config import settings
 from ember.embeddings import Embedder, EmbedJob
 from ember.engine.engine import Engine
 from ember.engine.llamacpp import LlamaModel
@@ -21,6 +22,7 @@ from ember.errors import EngineError, InvalidRequestError
 from ember.logprobs import logprob_entries, requested_logprobs
 from ember.options import SAMPLING_OPTION_NAMES, LoadOptions, SamplingOptions, sampling_options
 from ember.prompt import PromptBuilder, grammar_for_format
+from ember.serve.memory import system_memory
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.resolve import ModelSource
 from ember.thinking import ThinkingParser, prompt_opens_thinking, template_thinks
@@ -34,10 +36,12 @@ from ember.types import (
     GenerateResponse,
     Message,
     ThinkSpec,
+    ToolCall,
     to_messages,
 )
 
 log = logging.getLogger(__name__)
+_SEEDS = 2**32 - 1  # llama.cpp's seeds are 0 .. 2**32 - 2 (2**32 - 1 means random)
 
 
 class LoadedModel:
@@ -50,7 +54,12 @@ class LoadedModel:
         self.info: GGUFInfo = read_gguf(source.path)  # refuse a damaged file before llama.cpp reads it
         self.model = LlamaModel(source.path, options, adapters=source.adapters)
         try:
-            self.engine = Engine(self.model, options)
+            self.engine = Engine(
+                self.model,
+                options,
+                deterministic=options.deterministic or settings().deterministic,
+                host_cache_bytes=host_cache_budget(),
+            )
             self.prompts = PromptBuilder(
                 self.model, template=source.template, system=source.system, messages=source.messages
             )
@@ -99,24 +108,26 @@ class LoadedModel:
         """Stream the next assistant message; the last chunk has done=True and the timings."""
         yield from self._answer(self.start_chat(request))
 
-    def _answer(self, job: Job | GenerateResponse | ChatResponse) -> Iterator[Any]:
-        if not isinstance(job, Job):  # answered at once (a load-only request)
-            yield job
+    def _answer(self, jobs: list[Job] | GenerateResponse | ChatResponse) -> Iterator[Any]:
+        if not isinstance(jobs, list):  # answered at once (a load-only request)
+            yield jobs
             return
+        (job,) = jobs
         for update in self._run(job.sequence):
             chunk = job.chunk(update)
             if chunk is not None:
                 yield chunk
 
-    def start_generate(self, request: GenerateRequest) -> Job | GenerateResponse:
-        """Submit a generate request to the engine; a request with nothing to generate gets its answer now."""
+    def start_generate(self, request: GenerateRequest, choices: int = 1) -> list[Job] | GenerateResponse:
+        """Submit a generate request to the engine (`choices` completions of it: its prompt is prefilled once);
+        a request with nothing to generate gets its answer now."""
         started = time.perf_counter_ns()
         sampling = self.sampling_for(request.options)
         if request.images:
             raise InvalidRequestError(f"model '{self.name}' does not support images; send text only")
         if not request.prompt and not request.context and not request.suffix:
             return GenerateResponse(model=self.name, done=True, done_reason="load", **self._metrics(started))
-        thinking = None
+        opened = None  # for a thinking answer: whether the prompt already opened its thinking part
         if request.suffix:
             fim = self.model.fim_tokens()
             if fim is None:
@@ -129,17 +140,18 @@ class LoadedModel:
             think = self._think(request.think, request.template)
             text = self.prompts.render_chat(conversation, template=request.template, think=think)
             tokens = self.prompts.tokenize_prompt(text)
-            thinking = ThinkingParser(opened=prompt_opens_thinking(text)) if think else None
+            opened = prompt_opens_thinking(text) if think else None
         if request.context:
             tokens = list(request.context) + tokens
         truncate = request.truncate is not False
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
         grammar = request.grammar or grammar_for_format(request.format)
-        sequence = self._submit(tokens, sampling, grammar, requested_logprobs(request))
-        return Job(self, "generate", sequence, started, thinking=thinking)
+        sequences = self._submit_choices(tokens, sampling, grammar, requested_logprobs(request), choices)
+        return [Job(self, "generate", sequence, started, thinking=_thinking_parser(opened)) for sequence in sequences]
 
-    def start_chat(self, request: ChatRequest) -> Job | ChatResponse:
-        """Submit a chat request to the engine; a request with no messages gets its answer now."""
+    def start_chat(self, request: ChatRequest, choices: int = 1) -> list[Job] | ChatResponse:
+        """Submit a chat request to the engine (`choices` completions, prefilled once); a request with no
+        messages gets its answer now."""
         started = time.perf_counter_ns()
         sampling = self.sampling_for(request.options)
         messages = to_messages(request.messages)
@@ -161,11 +173,20 @@ class LoadedModel:
             think=think,
         )
         grammar = plan.grammar() or request.grammar or grammar_for_format(request.format)
-        sequence = self._submit(prompt.tokens, sampling, grammar, requested_logprobs(request))
-        thinking = ThinkingParser(opened=prompt_opens_thinking(prompt.text)) if think else None
-        return Job(
-            self, "chat", sequence, started, tool_parser=plan.parser(), thinking=thinking, dropped=prompt.dropped
-        )
+        sequences = self._submit_choices(prompt.tokens, sampling, grammar, requested_logprobs(request), choices)
+        opened = prompt_opens_thinking(prompt.text) if think else None
+        return [
+            Job(
+                self,
+                "chat",
+                sequence,
+                started,
+                tool_parser=plan.parser(),
+                thinking=_thinking_parser(opened),
+                dropped=prompt.dropped,
+            )
+            for sequence in sequences
+        ]
 
     def _think(self, think: ThinkSpec, template: str | None) -> ThinkSpec:
         """The request's `think` where the template thinks at all (a template without thinking tags never
@@ -181,11 +202,6 @@ class LoadedModel:
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
         yield from self._run(self._submit(tokens, sampling, grammar))
 
-    def run_many(self, prompts: list[list[int]], samplings: list[SamplingOptions]) -> Iterator[SequenceUpdate]:
-        """Decode several prompts together, one shared batch per step; updates arrive interleaved."""
-        sequences = [self._submit(tokens, sampling, None) for tokens, sampling in zip(prompts, samplings, strict=True)]
-        yield from self._run(*sequences)
-
     # --- internals -----------------------------------------------------------------------------------
 
     def _submit(
@@ -195,6 +211,24 @@ class LoadedModel:
         request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs)
         with self._lock:
             return self.engine.submit(request)
+
+    def _submit_choices(
+        self, tokens: list[int], sampling: SamplingOptions, grammar: str | None, logprobs: int | None, choices: int
+    ) -> list[Sequence]:
+        """`choices` completions of one prompt. They fork from one prefill when the slots allow it; choice i
+        samples with seed + i when a seed is set, as separate requests would."""
+        if choices == 1:
+            return [self._submit(tokens, sampling, grammar, logprobs)]
+        samplings = [
+            sampling if sampling.seed < 0 else sampling.model_copy(update={"seed": (sampling.seed + i) % _SEEDS})
+            for i in range(choices)
+        ]
+        if choices > self.options.num_parallel:  # not all at once: one after another, through the prefix cache
+            return [self._submit(tokens, each, grammar, logprobs) for each in samplings]
+        room = self.options.num_ctx - len(tokens)
+        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs)
+        with self._lock:
+            return self.engine.submit_forks(request, samplings[1:])
 
     def _run(self, *sequences: Sequence) -> Iterator[SequenceUpdate]:
         updates = self.engine.run(sequences)
@@ -247,7 +281,8 @@ class LoadedModel:
 
 
 class Job:
-    """One request on the engine: turns the engine's updates for its sequence into response chunks."""
+    """One completion on the engine: turns the engine's updates for its sequence into response chunks (in
+    this process), or into the parts the runner sends (`parts`)."""
 
     def __init__(
         self,
@@ -268,22 +303,13 @@ class Job:
         self.thinking = thinking  # a thinking model: its <think> part is split from the answer first
         self.dropped = dropped  # messages truncation left out
 
-    @property
-    def parses_text(self) -> bool:
-        """Whether the answer's text goes through a parser (so the runner sends chunks, not plain text)."""
-        return self.tool_parser is not None or self.thinking is not None
-
     def chunk(self, update: SequenceUpdate) -> GenerateResponse | ChatResponse | None:
         """The response chunk for an update: text as it comes, then the final chunk with the timings."""
         if update.done and update.sequence.done_reason is DoneReason.ERROR:
             raise EngineError(update.sequence.error or "generation failed")
         if not update.done and not update.text and update.logprob is None:
             return None
-        text, thinking, calls = update.text, "", None
-        if self.thinking is not None:
-            thinking, text = self.thinking.push(text, final=update.done)
-        if self.tool_parser is not None:
-            text, calls = self.tool_parser.push(text, final=update.done)
+        thinking, text, calls = self.parts(update)
         if not update.done and not text and not thinking and not calls and update.logprob is None:
             return None
         name = self.model.name
@@ -314,20 +340,28 @@ class Job:
         found = [(text.find(stop), stop) for stop in stops if stop in text]
         return min(found)[1] if found else None
 
-    def stream_parts(self, update: SequenceUpdate) -> tuple[str, dict[str, Any] | None]:
-        """A not-final update of a parsed answer as the runner sends it: plain text, or a chunk with tool calls
-        or thinking."""
-        chunk = self.chunk(update)
-        if chunk is None:
-            return "", None
-        # Without its logprobs: the runner sends the token's logprob entry with a text event of its own.
-        if isinstance(chunk, ChatResponse):
-            if chunk.message.tool_calls or chunk.message.thinking:
-                return "", chunk.model_dump(exclude={"logprobs"})
-            return chunk.message.content, None
-        if chunk.thinking:
-            return "", chunk.model_dump(exclude={"logprobs"})
-        return chunk.response, None
+    def parts(self, update: SequenceUpdate) -> tuple[str, str, list[ToolCall]]:
+        """(thinking, content, tool calls) of an update's text, through the job's parsers; each holds back what
+        may still be a tag or a call until it is clear. Text with no parser passes as it is."""
+        text, thinking, calls = update.text, "", []
+        if self.thinking is not None:
+            thinking, text = self.thinking.push(text, final=update.done)
+        if self.tool_parser is not None:
+            text, calls = self.tool_parser.push(text, final=update.done)
+        return thinking, text, calls
+
+
+def host_cache_budget() -> int:
+    """EMBER_KV_CACHE_RAM, else a quarter of the available memory, at most 8 GiB (llama-server's --cache-ram)."""
+    configured = settings().kv_cache_ram
+    if configured is not None:
+        return configured
+    return min(8 << 30, system_memory().available // 4)
+
+
+def _thinking_parser(opened: bool | None) -> ThinkingParser | None:
+    """A fresh parser for one completion of a thinking answer (None: the answer is not read for thinking)."""
+    return None if opened is None else ThinkingParser(opened=opened)
 
 
 def _done_reason(sequence: Sequence) -> str:

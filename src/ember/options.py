@@ -110,6 +110,9 @@ class LoadOptions(_OptionsModel):
     use_mlock: bool = Field(False, description="Lock the model in RAM so it is never swapped out.")
     flash_attn: bool | None = Field(None, description="Flash attention; None lets llama.cpp decide.")
     num_parallel: int = Field(1, ge=1, le=256, description="Sequences decoded together, each with num_ctx.")
+    deterministic: bool = Field(
+        False, description="Prefill in exact chunks: temp-0 answers never depend on the KV cache; slower prefill."
+    )
 
 
 _OptionsT = TypeVar("_OptionsT", bound=_OptionsModel)

@@ -123,6 +123,16 @@ def test_a_thinking_model_sends_its_reasoning_apart(client: ollama.Client, oai: 
     deltas = [chunk.choices[0].delta for chunk in stream if chunk.choices]
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == reasoning
     assert "".join(d.content or "" for d in deltas) == message.content
+    # n = 2 from one prefill: each choice's reasoning is split apart on its own (temp 0: both as the one above)
+    two = oai.chat.completions.create(
+        model=thinker, messages=QUESTION, max_tokens=30, temperature=0, n=2, stream=True, extra_body=llama_options
+    )
+    reasonings, contents = ["", ""], ["", ""]
+    for chunk in two:
+        for choice in chunk.choices:
+            reasonings[choice.index] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            contents[choice.index] += choice.delta.content or ""
+    assert reasonings == [reasoning, reasoning] and contents == [message.content, message.content]
 
 
 def test_a_chat_longer_than_num_ctx_drops_its_oldest_turns(client: ollama.Client, base: str) -> None:

@@ -29,7 +29,7 @@ OPTIONS = [
 
 @pytest.fixture(scope="module")
 def parallel_model() -> Iterator[ember.Model]:
-    with ember.Model("smollm2", num_ctx=512, num_parallel=4) as loaded:
+    with ember.Model("smollm2", num_ctx=512, num_parallel=4, deterministic=True) as loaded:
         yield loaded
 
 
@@ -105,7 +105,7 @@ def test_cancelling_a_sequence_frees_its_slot_and_leaves_the_others(parallel_mod
         pass
     assert sequences[0].done_reason is DoneReason.CANCELLED
     assert [sequence.output_tokens for sequence in sequences[1:]] == expected
-    assert sorted(engine._free_slots) == [0, 1, 2, 3]
+    assert sorted(engine.scheduler.free_slots()) == [0, 1, 2, 3]
     assert not engine.has_work()
 
 
@@ -117,7 +117,7 @@ def test_closing_a_run_early_cancels_its_sequence(parallel_model: ember.Model) -
     updates.close()
     engine.step()
     assert sequence.done_reason is DoneReason.CANCELLED
-    assert sorted(engine._free_slots) == [0, 1, 2, 3]
+    assert sorted(engine.scheduler.free_slots()) == [0, 1, 2, 3]
 
 
 def test_a_waiting_sequence_can_be_cancelled(parallel_model: ember.Model) -> None:
@@ -165,11 +165,11 @@ def test_a_second_chat_turn_reuses_the_first_turns_kv_and_gives_the_same_text(pa
     reused = parallel_model.chat(second_turn, num_predict=24, temperature=0, repeat_penalty=1.0)
     assert reused.prompt_cached_count > 20
     engine.forget_cache()
-    engine.prefix_reuse = False
+    engine.scheduler.prefix_reuse = False
     try:
         fresh = parallel_model.chat(second_turn, num_predict=24, temperature=0, repeat_penalty=1.0)
     finally:
-        engine.prefix_reuse = True
+        engine.scheduler.prefix_reuse = True
     assert fresh.prompt_cached_count == 0
     assert fresh.message.content == reused.message.content
     assert fresh.prompt_eval_count == reused.prompt_eval_count + reused.prompt_cached_count
@@ -212,3 +212,22 @@ def test_forks_share_the_prompt_and_match_separate_runs(
     assert prefilled[0] == len(tokens)  # the prompt was decoded once, not three times
     assert all(fork.cached_tokens == len(tokens) for fork in sequences[1:])
     assert len({tuple(tokens) for tokens in alone}) > 1
+
+
+def test_by_default_a_prompt_is_prefilled_in_whole_batches(model: ember.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = model.loaded.engine
+    assert not engine.deterministic
+    engine.forget_cache()
+    sizes: list[int] = []
+    real_decode = engine.context.decode
+
+    def spying_decode(batch: TokenBatch) -> None:
+        sizes.append(batch.size)
+        real_decode(batch)
+
+    monkeypatch.setattr(engine.context, "decode", spying_decode)
+    tokens = model.tokenize("word " * 300)[:300]
+    sequence = engine.submit(SequenceRequest(tokens, sampling_options({"temperature": 0}), 2))
+    for _ in engine.run([sequence]):
+        pass
+    assert sizes[0] == 300 and sequence.eval_count == 2

@@ -44,14 +44,17 @@ class FakeRunner:
         self.facts = {"load_duration": 1000, "gpu_layers": max(self.options.num_gpu, 0)}
         return self.facts
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateResponse]:
+    async def generate_choices(self, request: GenerateRequest, n: int) -> AsyncIterator[tuple[int, GenerateResponse]]:
         for _ in range(3):
             await asyncio.sleep(self.tick)
-            yield GenerateResponse(model=request.model, response=request.prompt)
-        yield GenerateResponse(model=request.model, done=True, done_reason="stop")
+            for index in range(n):
+                yield index, GenerateResponse(model=request.model, response=request.prompt)
+        for index in range(n):
+            yield index, GenerateResponse(model=request.model, done=True, done_reason="stop")
 
-    async def chat(self, request: ChatRequest) -> AsyncIterator[ChatResponse]:
-        yield ChatResponse(model=request.model, done=True, done_reason="stop")
+    async def chat_choices(self, request: ChatRequest, n: int) -> AsyncIterator[tuple[int, ChatResponse]]:
+        for index in range(n):
+            yield index, ChatResponse(model=request.model, done=True, done_reason="stop")
 
     async def stop(self, timeout: float = 5.0) -> None:
         if self._alive:
@@ -298,6 +301,100 @@ def test_a_dead_runner_is_replaced_on_the_next_request(models: dict[str, ModelSo
         manager.entries["a:latest"].runner._alive = False  # type: ignore[attr-defined]
         await _ask(manager, "a")
         assert len(FakeRunner.started) == 2
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+class SlowLoadingRunner(FakeRunner):
+    """A FakeRunner whose load of model "b" waits until the test lets it finish."""
+
+    release: asyncio.Event
+
+    async def start(self) -> dict[str, Any]:
+        if self.source.name == "b:latest":
+            await SlowLoadingRunner.release.wait()
+        return await super().start()
+
+
+def test_loading_one_model_never_blocks_requests_to_another(models: dict[str, ModelSource]) -> None:
+    async def scenario() -> None:
+        SlowLoadingRunner.release = asyncio.Event()
+        manager = _manager(models, runner_factory=SlowLoadingRunner)
+        await _ask(manager, "a")
+        loading_b = asyncio.create_task(_ask(manager, "b"))
+        also_b = asyncio.create_task(_ask(manager, "b"))
+        await asyncio.sleep(0.05)
+        assert not loading_b.done()
+        answered = await asyncio.wait_for(_ask(manager, "a", "during"), 2)  # a is served while b loads
+        assert answered[-1].done and not loading_b.done()
+        SlowLoadingRunner.release.set()
+        await asyncio.gather(loading_b, also_b)
+        assert [name for name, _ in FakeRunner.started] == ["a:latest", "b:latest"]  # one load for both requests
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_load_that_takes_too_long_fails_with_a_clear_error(models: dict[str, ModelSource]) -> None:
+    async def scenario() -> None:
+        SlowLoadingRunner.release = asyncio.Event()
+        manager = _manager(models, runner_factory=SlowLoadingRunner, load_timeout=0.1)
+        requests = [asyncio.create_task(_ask(manager, "b")) for _ in range(2)]
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        for result in results:
+            assert isinstance(result, ModelLoadError) and "longer than 0.1 s" in str(result)
+            assert "EMBER_LOAD_TIMEOUT" in str(result)
+        assert manager.entries == {} and not manager._loading
+        SlowLoadingRunner.release.set()
+        assert (await _ask(manager, "b"))[-1].done  # the next request loads it afresh
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_load_fails_the_requests_that_waited_for_it_once(models: dict[str, ModelSource]) -> None:
+    async def scenario() -> None:
+        SlowLoadingRunner.release = asyncio.Event()
+        manager = _manager(models, runner_factory=SlowLoadingRunner)
+        attempts = []
+
+        def fail(options: LoadOptions) -> str:
+            attempts.append(options)
+            return "unknown model architecture: 'mamba9'"
+
+        prepared = []  # requests resolve in worker threads: wait until all three wait for the one load
+        resolve_once = manager.prepare
+
+        def prepare(*args: Any) -> Any:
+            resolved = resolve_once(*args)
+            prepared.append(resolved)
+            return resolved
+
+        manager.prepare = prepare  # type: ignore[method-assign]
+        FakeRunner.fail_when = fail
+        requests = [asyncio.create_task(_ask(manager, "b")) for _ in range(3)]
+        while len(prepared) < 3 or "b:latest" not in manager._loading:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        SlowLoadingRunner.release.set()
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        assert all(isinstance(result, ModelLoadError) and "mamba9" in str(result) for result in results)
+        assert len(attempts) == 1
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_choices_come_tagged_and_a_load_only_request_answers_each(models: dict[str, ModelSource]) -> None:
+    async def scenario() -> None:
+        manager = _manager(models)
+        items = [item async for item in manager.generate_choices(GenerateRequest(model="a", prompt="x"), 2)]
+        assert {index for index, _ in items} == {0, 1} and [index for index, c in items if c.done] == [0, 1]
+        assert manager.entries["a:latest"].queue.in_use == 0  # the place the two shared is free again
+        loaded = [item async for item in manager.chat_choices(ChatRequest(model="a"), 2)]
+        assert [(index, chunk.done_reason) for index, chunk in loaded] == [(0, "load"), (1, "load")]
+        assert len(FakeRunner.started) == 1
         await manager.close()
 
     asyncio.run(scenario())

@@ -43,7 +43,7 @@ def manager(sources: dict[str, ModelSource]) -> ModelManager:
             raise ModelNotFoundError(f"model '{name}' not found")
         return sources[name.split(":")[0]]
 
-    FakeRunner.started = []
+    FakeRunner.started, FakeRunner.stopped, FakeRunner.fail_when = [], [], None  # whatever other tests left
     return ModelManager(
         runner_factory=FakeRunner,
         resolve=find,
@@ -58,6 +58,10 @@ async def _answer(manager: ModelManager, request: Any) -> Any:
         return await manager.embed(request)
     method = manager.chat if isinstance(request, ChatRequest) else manager.generate
     return [chunk async for chunk in method(request)]
+
+
+async def _drain(stream: Any) -> list[Any]:
+    return [item async for item in stream]
 
 
 def _refused(manager: ModelManager, request: Any, kind: type[Exception] = InvalidRequestError) -> str:
@@ -76,8 +80,9 @@ def test_caps_are_enforced_on_every_entry_point_before_loading(manager: ModelMan
     assert "EMBER_MAX_NUM_CTX" in _refused(manager, EmbedRequest(model="plain", input="x", options={"num_ctx": 4096}))
     # the operator's choices (the server's defaults, a Modelfile's PARAMETER) are not the request's to cap
     assert manager.prepare(GenerateRequest(model="big", prompt="x")).load.num_ctx == 1 << 18
-    with pytest.raises(InvalidRequestError, match="from 1 to 2"):
-        manager.limits.check_n(3)
+    with pytest.raises(InvalidRequestError, match="from 1 to 2"):  # OpenAI's n: the manager's *_choices calls
+        asyncio.run(_drain(manager.chat_choices(chat.model_copy(update={"options": None}), 3)))
+    assert FakeRunner.started == []
 
 
 def test_options_are_validated_before_loading(manager: ModelManager) -> None:

@@ -101,7 +101,8 @@ def test_running_streams_keep_receiving_tokens_while_a_long_prompt_prefills() ->
 
 
 def test_a_second_chat_turn_reuses_the_kv_and_gives_the_same_text() -> None:
-    options = {"temperature": 0, "num_predict": 20, "num_ctx": 1024}
+    # Exact prefill chunks: only then is a reused prefix bit for bit what a fresh prefill computes.
+    options = {"temperature": 0, "num_predict": 20, "num_ctx": 1024, "deterministic": True}
     first_turn = [{"role": "user", "content": "Name a large animal."}]
 
     async def scenario() -> tuple[Any, Any]:
@@ -173,3 +174,37 @@ def test_a_bad_request_fails_alone(kind: str) -> None:
             await manager.close()
 
     assert asyncio.run(scenario()).strip()
+
+
+def test_several_choices_share_one_prefill_and_match_separate_requests_by_seed() -> None:
+    """n completions of one prompt: the prompt is prefilled once (the others copy its KV), and choice i is
+    what a separate request with seed + i gives."""
+    options = {"temperature": 0.9, "seed": 11, "num_predict": 12, "num_ctx": 512, "num_parallel": 4}
+    request = ChatRequest(
+        model="smollm2", messages=[{"role": "user", "content": "Name three rivers."}], options=options
+    )
+
+    async def scenario() -> tuple[dict[int, Any], dict[int, str], list[str]]:
+        manager = ModelManager()
+        try:
+            finals: dict[int, Any] = {}
+            texts: dict[int, str] = {0: "", 1: "", 2: ""}
+            async for index, chunk in manager.chat_choices(request, 3):
+                texts[index] += chunk.message.content
+                if chunk.done:
+                    finals[index] = chunk
+            separate = []
+            for index in range(3):
+                alone = request.model_copy(update={"options": {**options, "seed": 11 + index, "num_ctx": 512}})
+                separate.append("".join([chunk.message.content async for chunk in manager.chat(alone)]))
+            return finals, texts, separate
+        finally:
+            await manager.close()
+
+    finals, texts, separate = asyncio.run(scenario())
+    assert sorted(finals) == [0, 1, 2]
+    prompt_length = finals[0].prompt_eval_count + finals[0].prompt_cached_count
+    evaluated = sorted(final.prompt_eval_count for final in finals.values())
+    assert evaluated == [0, 0, prompt_length]  # one prefill; the two forks copied its KV
+    assert [texts[index] for index in range(3)] == separate
+    assert len(set(separate)) > 1

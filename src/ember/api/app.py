@@ -37,6 +37,7 @@ def create_manager(settings: Settings) -> ModelManager:
         max_loaded=settings.max_loaded_models,
         max_queued=settings.max_queue,
         limits=Limits.from_settings(settings),
+        load_timeout=settings.load_timeout,
     )
 
 

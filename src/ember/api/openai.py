@@ -1,8 +1,9 @@
 """The OpenAI API: /v1/chat/completions, /v1/completions and /v1/models, translated to native requests.
 
 The bodies are the protocol models of openai_protocol.py. Streams are server-sent events ending in
-`data: [DONE]`. `n` > 1 runs n sequences side by side (seeds seed, seed+1 ... when a seed is given), each a
-choice with its own index; a completions request with several prompts gives n choices for each, in order.
+`data: [DONE]`. `n` > 1 runs n sequences side by side from one prefill of the prompt (the manager's
+*_choices calls; seeds seed, seed+1 ... when a seed is given), each a choice with its own index; a completions
+request with several prompts gives n choices for each, in order.
 Logprobs (chat `logprobs`/`top_logprobs`, completions `logprobs: N`) come from the raw logits: see
 openai_logprobs.py. A thinking model's reasoning comes as `reasoning_content`, apart from `content`.
 """
@@ -53,25 +54,26 @@ def _usage(finals: list[Any], prompt_of: list[int]) -> dict[str, Any]:
     }
 
 
-async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Chunks of several streams as they come, tagged with their index; an error in one ends all."""
+async def _merged(streams: list[AsyncIterator[tuple[int, Any]]], n: int) -> AsyncIterator[tuple[int, Any]]:
+    """The (choice, chunk) items of several prompts' streams as they come, choice i of prompt p numbered
+    p * n + i; an error in one ends all."""
     if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
+        async for item in streams[0]:
+            yield item
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     done = object()
 
-    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+    async def pump(number: int, stream: AsyncIterator[tuple[int, Any]]) -> None:
         try:
-            async for chunk in stream:
-                await queue.put((index, chunk))
+            async for index, chunk in stream:
+                await queue.put((number * n + index, chunk))
         except BaseException as error:  # delivered to the reader, which re-raises it
-            await queue.put((index, error))
+            await queue.put((number, error))
             return
-        await queue.put((index, done))
+        await queue.put((number, done))
 
-    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(number, stream)) for number, stream in enumerate(streams)]
     remaining = len(tasks)
     try:
         while remaining:
@@ -101,19 +103,13 @@ def _error_event(error: EmberError) -> bytes:
     return _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
 
 
-def _seeded(options: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
-    if index and options and "seed" in options:
-        return {**options, "seed": options["seed"] + index}
-    return options
-
-
-async def _start(request: Request, natives: list[Any], start: Any) -> AsyncIterator[tuple[int, Any]]:
-    """Start every choice's stream (choice i with seed + i), merged; an error before the first chunk is raised
-    here, so it becomes the response's status."""
+async def _start(request: Request, natives: list[Any], n: int, start: Any) -> AsyncIterator[tuple[int, Any]]:
+    """Start the n choices of every prompt (`start` is the manager's generate_choices or chat_choices), merged;
+    an error before the first chunk is raised here, so it becomes the response's status."""
     priority = request.headers.get(PRIORITY_HEADER)
     timeout = request.app.state.settings.request_timeout
-    streams = [start(native, priority=priority, timeout=timeout) for native in natives]
-    return await first_then_rest(_merged(streams))
+    streams = [start(native, n, priority=priority, timeout=timeout) for native in natives]
+    return await first_then_rest(_merged(streams, n))
 
 
 def _head(prefix: str, model: str) -> dict[str, Any]:
@@ -131,11 +127,7 @@ def _head(prefix: str, model: str) -> dict[str, Any]:
 @router.post("/v1/chat/completions", openapi_extra=schemas.model_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
-    manager = manager_of(request)
-    manager.limits.check_n(body.n)
-    base = body.to_native()
-    natives = [base.model_copy(update={"options": _seeded(base.options, i)}) for i in range(body.n)]
-    chunks = await _start(request, natives, manager.chat)
+    chunks = await _start(request, [body.to_native()], body.n, manager_of(request).chat_choices)
     head = _head("chatcmpl", body.model)
     if not body.stream:
         return await _whole_chat(head, chunks, body)
@@ -214,21 +206,15 @@ async def _chat_events(head: dict[str, Any], chunks: AsyncIterator[tuple[int, An
 @router.post("/v1/completions", openapi_extra=schemas.model_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
-    manager = manager_of(request)
-    manager.limits.check_n(body.n)
     prompts = body.prompts()
     if body.echo and not all(isinstance(prompt, str) for prompt in prompts):
         raise InvalidRequestError("echo needs text prompts; send the prompt as a string")
-    natives, prompt_of = [], []
-    for number, prompt in enumerate(prompts):
-        base = body.to_native(prompt)
-        for i in range(body.n):
-            natives.append(base.model_copy(update={"options": _seeded(base.options, i)}))
-            prompt_of.append(number)
+    natives = [body.to_native(prompt) for prompt in prompts]
+    prompt_of = [number for number in range(len(prompts)) for _ in range(body.n)]  # choice -> its prompt
     echoes = [prompts[number] if body.echo else "" for number in prompt_of]
-    chunks = await _start(request, natives, manager.generate)
+    chunks = await _start(request, natives, body.n, manager_of(request).generate_choices)
     head = _head("cmpl", body.model)
-    offsets = Offsets(len(natives), 0)  # where each choice's generated text starts
+    offsets = Offsets(len(prompt_of), 0)  # where each choice's generated text starts
     offsets.next = [len(echo) for echo in echoes]
     if not body.stream:
         return await _whole_completion(head, chunks, body, echoes, prompt_of, offsets)

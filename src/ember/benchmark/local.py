@@ -91,8 +91,8 @@ class _Bench:
 
     def __init__(self, model: LoadedModel, whole_batches: bool) -> None:
         self.model = model
-        if whole_batches:  # llama-bench's way: whole n_batch chunks, not ember's exact 48-token chunks on the CPU
-            model.engine.prefill_chunk = model.options.num_batch
+        if whole_batches:  # llama-bench's way, ember's default too; even when EMBER_DETERMINISTIC asks for exact chunks
+            model.engine.scheduler.deterministic = False
         llama = model.model
         self.bos = [llama.bos_token] if llama.add_bos and llama.bos_token >= 0 else []
         self.text_tokens = llama.tokenize(TEXT, add_special=False, parse_special=False)

@@ -65,7 +65,7 @@ def bench(
         bool,
         typer.Option(
             "--whole-batches",
-            help="Prefill in whole n_batch chunks as llama-bench does (ember prefills 48 tokens a step on the CPU).",
+            help="Prefill in whole n_batch chunks as llama-bench does even when EMBER_DETERMINISTIC is set.",
             rich_help_panel=LOCAL,
         ),
     ] = False,

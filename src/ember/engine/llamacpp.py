@@ -1,7 +1,7 @@
 """The module that talks to llama.cpp (through llama-cpp-python's low-level ctypes API).
 
-Only this module, `quantize.py` (llama.cpp's quantizer) and `readout.py` (embeddings and logprobs: reading
-llama.cpp's output vectors), both kept apart for size, import llama_cpp.
+Only this module, `sampler.py` (sampler chains), `quantize.py` (llama.cpp's quantizer) and `readout.py`
+(embeddings and logprobs: reading llama.cpp's output vectors), kept apart for size, import llama_cpp.
 
 Everything above this file works with Python types: token lists, bytes, options. The names of the C API
 drift between llama-cpp-python releases, so `check_backend()` verifies what ember needs once, at first use,
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import llama_cpp as lib
 from llama_cpp import llama_grammar
 
 from ember.errors import BackendVersionError, EngineError, InvalidRequestError, ModelLoadError
-from ember.options import LoadOptions, SamplingOptions
+from ember.options import LoadOptions
 from ember.store.gguf_file import read_gguf
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,9 @@ _REQUIRED_FUNCTIONS = (
     "llama_memory_clear",
     "llama_memory_seq_rm",
     "llama_memory_seq_cp",
-    "llama_memory_seq_pos_max",
+    "llama_state_seq_get_size",
+    "llama_state_seq_get_data",
+    "llama_state_seq_set_data",
     "llama_sampler_chain_init",
     "llama_sampler_chain_add",
     "llama_sampler_chain_get",
@@ -436,11 +437,33 @@ class LlamaContext:
         """Drop the cached cells of a sequence in positions [start, end); -1 means open-ended."""
         return bool(lib.llama_memory_seq_rm(self._memory, seq_id, start, end))
 
-    def copy_sequence(self, source: int, target: int, start: int = -1, end: int = -1) -> None:
-        lib.llama_memory_seq_cp(self._memory, source, target, start, end)
+    def copy_sequence(self, source: int, target: int) -> None:
+        """Copy a sequence's KV into another, replacing what it held. Each sequence has its own KV stream here,
+        and across streams llama.cpp copies the whole stream buffer (num_ctx cells of every layer, however few
+        are used), at the start of the next decode."""
+        lib.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
-    def last_position(self, seq_id: int) -> int:
-        return int(lib.llama_memory_seq_pos_max(self._memory, seq_id))
+    def state_size(self, seq_id: int) -> int:
+        """Bytes `save_sequence` would return for this sequence's KV."""
+        return int(lib.llama_state_seq_get_size(self.handle, seq_id))
+
+    def save_sequence(self, seq_id: int) -> bytearray:
+        """A copy of one sequence's KV cells (only the cells it uses), for `restore_sequence`."""
+        size = self.state_size(seq_id)
+        data = bytearray(size)  # llama.cpp writes straight into it: one copy, not two
+        written = lib.llama_state_seq_get_data(self.handle, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id)
+        if written != size:
+            raise EngineError(f"llama.cpp saved {written} of {size} bytes of sequence {seq_id}'s KV")
+        return data
+
+    def restore_sequence(self, seq_id: int, data: bytearray) -> bool:
+        """Put KV saved by `save_sequence` (from any sequence of a context like this) into `seq_id`, replacing
+        what it held. False if llama.cpp refused it (then the sequence holds nothing)."""
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        if lib.llama_state_seq_set_data(self.handle, buffer, len(data), seq_id) == 0:
+            self.forget(seq_id)
+            return False
+        return True
 
     def clear(self) -> None:
         lib.llama_memory_clear(self._memory, True)
@@ -484,100 +507,6 @@ class TokenBatch:
 
     def __del__(self) -> None:
         self.close()
-
-
-class Sampler:
-    """One sequence's sampler chain, built from its SamplingOptions (and grammar, when one is given).
-
-    Order as in llama.cpp's common sampler: logit_bias, grammar, penalties, then greedy, or mirostat, or
-    top_k -> typical_p -> top_p -> min_p -> temperature -> random draw.
-    """
-
-    def __init__(self, model: LlamaModel, options: SamplingOptions, *, num_ctx: int, grammar: str | None) -> None:
-        self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        self._penalties_index: int | None = None
-        self.penalty_window = num_ctx if options.repeat_last_n < 0 else options.repeat_last_n
-        seed = lib.LLAMA_DEFAULT_SEED if options.seed < 0 else options.seed
-        if options.logit_bias:
-            self._add(_init_logit_bias(model.n_vocab, options.logit_bias))
-        if grammar is not None:
-            grammar_sampler = lib.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
-            if not grammar_sampler:
-                self.close()
-                raise InvalidRequestError("the grammar could not be parsed; check its GBNF syntax")
-            self._add(grammar_sampler)
-        penalized = options.repeat_penalty != 1.0 or options.frequency_penalty or options.presence_penalty
-        if penalized and self.penalty_window > 0:
-            self._penalties_index = self._add(
-                _init_penalties(
-                    model.n_vocab,
-                    self.penalty_window,
-                    options.repeat_penalty,
-                    options.frequency_penalty,
-                    options.presence_penalty,
-                )
-            )
-        if options.temperature <= 0:
-            self._add(lib.llama_sampler_init_greedy())
-        elif options.mirostat == 1:
-            self._add(lib.llama_sampler_init_temp(options.temperature))
-            self._add(
-                lib.llama_sampler_init_mirostat(model.n_vocab, seed, options.mirostat_tau, options.mirostat_eta, 100)
-            )
-        elif options.mirostat == 2:
-            self._add(lib.llama_sampler_init_temp(options.temperature))
-            self._add(lib.llama_sampler_init_mirostat_v2(seed, options.mirostat_tau, options.mirostat_eta))
-        else:
-            if options.top_k > 0:
-                self._add(lib.llama_sampler_init_top_k(options.top_k))
-            if options.typical_p < 1.0:
-                self._add(lib.llama_sampler_init_typical(options.typical_p, 1))
-            if options.top_p < 1.0:
-                self._add(lib.llama_sampler_init_top_p(options.top_p, 1))
-            if options.min_p > 0.0:
-                self._add(lib.llama_sampler_init_min_p(options.min_p, 1))
-            self._add(lib.llama_sampler_init_temp(options.temperature))
-            self._add(lib.llama_sampler_init_dist(seed))
-
-    def _add(self, sampler: lib.llama_sampler_p) -> int:
-        lib.llama_sampler_chain_add(self._chain, sampler)
-        return lib.llama_sampler_chain_n(self._chain) - 1
-
-    def remember(self, tokens: list[int]) -> None:
-        """Show prompt tokens to the repetition penalties only (the grammar must not see them)."""
-        if self._penalties_index is None or not tokens:
-            return
-        penalties = lib.llama_sampler_chain_get(self._chain, self._penalties_index)
-        for token in tokens[-self.penalty_window :]:
-            lib.llama_sampler_accept(penalties, token)
-
-    def sample(self, context: LlamaContext, batch_index: int) -> int:
-        """Pick the next token from the logits at `batch_index` of the last decode, and accept it."""
-        return int(lib.llama_sampler_sample(self._chain, context.handle, batch_index))
-
-    def close(self) -> None:
-        if self._chain:
-            lib.llama_sampler_free(self._chain)
-            self._chain = None
-
-    def __del__(self) -> None:
-        self.close()
-
-
-def _init_penalties(n_vocab: int, last_n: int, repeat: float, frequency: float, presence: float) -> object:
-    # llama.cpp added n_vocab as the first parameter in late 2025; older builds take four.
-    if len(lib.llama_sampler_init_penalties.argtypes) == 5:
-        return lib.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence)
-    return lib.llama_sampler_init_penalties(last_n, repeat, frequency, presence)
-
-
-def _init_logit_bias(n_vocab: int, biases: Mapping[int, float]) -> object:
-    # -100 is OpenAI's "ban": -inf makes it exact whatever the logit; llama.cpp copies the array.
-    entries = (lib.llama_logit_bias * len(biases))()
-    for entry, (token, bias) in zip(entries, sorted(biases.items()), strict=True):
-        entry.token = token
-        entry.bias = -math.inf if bias <= -100 else bias
-    return lib.llama_sampler_init_logit_bias(n_vocab, len(biases), entries)
 
 
 def json_schema_grammar(schema_json: str) -> str:

@@ -1,4 +1,8 @@
-"""One sequence's state inside the engine, and the updates the engine reports about it."""
+"""One sequence's state inside the engine, and the updates the engine reports about it.
+
+Plain data: the scheduler plans with these objects and its tests build them without llama.cpp (the
+sequence's sampler chain lives in the executor, keyed by the sequence's id).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from ember.engine.llamacpp import Sampler
 from ember.engine.text import StopMatcher, Utf8Decoder
 from ember.options import SamplingOptions
 
@@ -19,9 +22,16 @@ class DoneReason(enum.StrEnum):
     ERROR = "error"  # llama.cpp failed; `Sequence.error` says why
 
 
+class CacheSource(enum.StrEnum):
+    SLOT = "slot"  # the KV left in the sequence's own slot by an earlier sequence
+    COPY = "copy"  # copied from another slot holding the same prefix (a shared system prompt)
+    HOST = "host"  # restored from the host-RAM tier
+    PARENT = "parent"  # the prompt of the sequence this one forks from (n > 1)
+
+
 class Phase(enum.Enum):
     WAITING = "waiting"  # submitted, no KV slot yet
-    FORKED = "forked"  # has a slot; waits for its parent's prompt KV to be copied into it (n > 1 completions)
+    FORKED = "forked"  # has a slot; waits for its parent's prompt to be prefilled, then copies its KV (n > 1)
     PREFILL = "prefill"  # prompt tokens still to decode
     DECODE = "decode"  # generating, one token per step
     DONE = "done"
@@ -86,10 +96,10 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens whose KV was reused from an earlier sequence (or a parent)
     parent: Sequence | None = None  # the sequence whose prompt KV this one copies (n > 1 completions)
     forks: list[Sequence] = field(default_factory=list)
-    sampler: Sampler | None = None
     decoder: Utf8Decoder = field(default_factory=Utf8Decoder)
     stopper: StopMatcher = field(init=False)
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
+    cache_source: CacheSource | None = None  # where cached_tokens came from
     started_ns: int = 0  # admitted to a slot, prefill begins
     prefilled_ns: int = 0  # prompt fully decoded, first logits ready
     finished_ns: int = 0

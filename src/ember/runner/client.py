@@ -1,7 +1,7 @@
 """The server's side of a runner process: start it, stream requests through it, notice when it dies.
 
-A thread reads the pipe (a blocking `recv`) and hands each message to the event loop; each request has an
-asyncio queue its stream reads from. When the pipe closes without a shutdown, every request still in flight
+The event loop watches the pipe (`add_reader`) and hands each event to its request's asyncio queue, which
+that request's stream reads. When the pipe closes without a shutdown, every request still in flight
 gets a RunnerCrashedError naming the exit status, and the runner is marked dead so the manager starts another.
 """
 
@@ -17,11 +17,25 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 from ember.errors import EmberError, EngineError, ModelLoadError
 from ember.options import LoadOptions
-from ember.runner.protocol import error_from_tuple
+from ember.runner.protocol import (
+    Cancel,
+    Done,
+    Embedded,
+    Event,
+    Failed,
+    LoadFailed,
+    Ready,
+    Shutdown,
+    Start,
+    Steps,
+    Text,
+    ToolCalls,
+    error_from_tuple,
+)
 from ember.store.resolve import ModelSource
 from ember.types import (
     ChatRequest,
@@ -31,7 +45,6 @@ from ember.types import (
     GenerateRequest,
     GenerateResponse,
     Message,
-    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +57,12 @@ class RunnerCrashedError(EngineError):
     http_status = 500
 
 
+class _Crashed(NamedTuple):
+    """Put in every open stream when the runner's pipe closes unexpectedly."""
+
+    status: str
+
+
 class RunnerProcess:
     """One model loaded in its own process. Use from one event loop."""
 
@@ -53,7 +72,7 @@ class RunnerProcess:
         self.facts: dict[str, Any] = {}
         self._connection: Any = None
         self._process: Any = None
-        self._streams: dict[str, asyncio.Queue[tuple[Any, ...]]] = {}
+        self._streams: dict[str, asyncio.Queue[Event | _Crashed]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._dead = False
@@ -67,10 +86,6 @@ class RunnerProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._streams)
-
     async def start(self) -> dict[str, Any]:
         """Start the process and wait until the model is loaded; raises the runner's load error."""
         self._loop = asyncio.get_running_loop()
@@ -83,7 +98,7 @@ class RunnerProcess:
         )
         child_socket.close()
         self._connection = Connection(parent_socket.detach())
-        self._send(("start", self.source, self.options, logging.getLogger("ember").getEffectiveLevel()))
+        self._send(("start", self.source, self.options, logging.getLogger("ember").getEffectiveLevel()))  # the load
         # The event loop itself watches the pipe: no reader thread, so one wake-up per engine step, which
         # matters on a small machine where every extra runnable thread can stall llama.cpp's worker threads.
         self._loop.add_reader(self._connection.fileno(), self._readable)
@@ -99,17 +114,16 @@ class RunnerProcess:
             self._loop.remove_reader(self._connection.fileno())
             self._closed()
 
-    def _dispatch(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "steps":
-            for event in message[1]:
-                queue = self._streams.get(event[1])
+    def _dispatch(self, message: Steps | Ready | LoadFailed) -> None:
+        if isinstance(message, Steps):
+            for event in message.events:
+                queue = self._streams.get(event.request_id)
                 if queue is not None:
                     queue.put_nowait(event)
-        elif kind == "ready" and self._ready is not None and not self._ready.done():
-            self._ready.set_result(message[1])
-        elif kind == "load_failed" and self._ready is not None and not self._ready.done():
-            self._ready.set_exception(error_from_tuple(message[1]))
+        elif isinstance(message, Ready) and self._ready is not None and not self._ready.done():
+            self._ready.set_result(message.facts)
+        elif isinstance(message, LoadFailed) and self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error_from_tuple(message.error))
 
     def _closed(self) -> None:
         self._dead = True
@@ -124,8 +138,8 @@ class RunnerProcess:
         if self._stopping:
             return
         log.error("runner for %s stopped unexpectedly (%s)", self.source.name, status)
-        for request_id, queue in self._streams.items():
-            queue.put_nowait(("crashed", request_id, status))
+        for queue in self._streams.values():
+            queue.put_nowait(_Crashed(status))
 
     def _describe_exit(self) -> str:
         code = self._process.returncode if self._process is not None else None
@@ -137,70 +151,73 @@ class RunnerProcess:
             return f"killed by signal {-code}"
         return f"exit status {code}"
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateResponse]:
-        async for kind, payload in self._stream("generate", request.model_dump(mode="json")):
-            if kind == "text":  # built without validation: this runs for every token
-                yield GenerateResponse.model_construct(model=request.model, response=payload)
-            elif kind == "logprobs":  # text (possibly "") and the logprob entry of its token
-                logprobs = [TokenLogprob.model_validate(entry) for entry in payload[1]]
-                yield GenerateResponse.model_construct(model=request.model, response=payload[0], logprobs=logprobs)
-            else:
-                yield GenerateResponse.model_validate(payload)
+    async def generate_choices(self, request: GenerateRequest, n: int) -> AsyncIterator[tuple[int, GenerateResponse]]:
+        """`n` completions of one prompt (prefilled once), as (choice index, chunk) in the order they come."""
+        async for index, event in self._stream("generate", request.model_dump(mode="json"), n):
+            if isinstance(event, Text):  # built without validation: this runs for every token
+                yield (
+                    index,
+                    GenerateResponse.model_construct(
+                        model=request.model,
+                        response=event.text,
+                        thinking=event.thinking or None,
+                        logprobs=list(event.logprobs) if event.logprobs else None,
+                    ),
+                )
+            elif isinstance(event, Done) and isinstance(event.final, GenerateResponse):
+                yield index, event.final
 
-    async def chat(self, request: ChatRequest) -> AsyncIterator[ChatResponse]:
-        async for kind, payload in self._stream("chat", request.model_dump(mode="json")):
-            if kind == "text":
-                message = Message.model_construct(role="assistant", content=payload)
-                yield ChatResponse.model_construct(model=request.model, message=message)
-            elif kind == "logprobs":
-                message = Message.model_construct(role="assistant", content=payload[0])
-                logprobs = [TokenLogprob.model_validate(entry) for entry in payload[1]]
-                yield ChatResponse.model_construct(model=request.model, message=message, logprobs=logprobs)
-            else:
-                yield ChatResponse.model_validate(payload)
+    async def chat_choices(self, request: ChatRequest, n: int) -> AsyncIterator[tuple[int, ChatResponse]]:
+        async for index, event in self._stream("chat", request.model_dump(mode="json"), n):
+            if isinstance(event, Text):
+                message = Message.model_construct(role="assistant", content=event.text, thinking=event.thinking or None)
+                logprobs = list(event.logprobs) if event.logprobs else None
+                yield index, ChatResponse.model_construct(model=request.model, message=message, logprobs=logprobs)
+            elif isinstance(event, ToolCalls):
+                message = Message.model_construct(role="assistant", content="", tool_calls=list(event.calls))
+                yield index, ChatResponse.model_construct(model=request.model, message=message)
+            elif isinstance(event, Done) and isinstance(event.final, ChatResponse):
+                yield index, event.final
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         """The request's vectors as the model pooled them (not normalized)."""
-        result: Any = None
-        async for _, payload in self._stream("embed", request.model_dump(mode="json")):
-            result = payload
-        return EmbedResponse.model_validate(result)
+        async for _, event in self._stream("embed", request.model_dump(mode="json"), 1):
+            if isinstance(event, Embedded):
+                return event.response
+        raise RunnerCrashedError(f"the runner for {self.source.name} ended an embed request without vectors")
 
-    async def _stream(self, kind: str, payload: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+    async def _stream(self, kind: str, payload: dict[str, Any], choices: int) -> AsyncIterator[tuple[int, Event]]:
+        """The events of one request, until each of its `choices` is done (or it fails)."""
         if not self.alive:
             raise RunnerCrashedError(f"the runner for {self.source.name} is not running; send the request again")
         request_id = f"r{next(_ids)}"
-        queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        queue: asyncio.Queue[Event | _Crashed] = asyncio.Queue()
         self._streams[request_id] = queue
-        finished = False
+        remaining = choices
         try:
-            self._send((kind, request_id, payload))
-            while True:
+            self._send(Start(kind, request_id, payload, choices))
+            while remaining:
                 event = await queue.get()
-                if event[0] == "text":
-                    yield ("text", event[2]) if len(event) == 3 else ("logprobs", event[2:])
-                elif event[0] == "chunk":  # a chat chunk with tool calls
-                    yield "chunk", event[2]
-                elif event[0] in ("done", "embedded"):
-                    finished = True
-                    yield "done", event[2]
-                    return
-                elif event[0] == "error":
-                    finished = True
-                    raise error_from_tuple(event[2])
-                else:  # crashed
-                    finished = True
+                if isinstance(event, Failed):
+                    raise error_from_tuple(event.error)
+                if isinstance(event, _Crashed):
                     raise RunnerCrashedError(
-                        f"the runner for {self.source.name} stopped unexpectedly ({event[2]}) during this request; "
-                        "the next request starts a fresh one"
+                        f"the runner for {self.source.name} stopped unexpectedly ({event.status}) during this "
+                        "request; the next request starts a fresh one"
                     )
+                if isinstance(event, Embedded) or (isinstance(event, Done) and event.final.done_reason == "load"):
+                    remaining = 0
+                elif isinstance(event, Done):
+                    remaining -= 1
+                index = event.index if isinstance(event, Text | ToolCalls | Done) else 0
+                yield index, event
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self.alive:  # the caller went away: free the slot in the engine
+            if remaining and self.alive:  # the caller went away, or a choice failed: free the others' slots
                 with contextlib.suppress(OSError, EmberError):
-                    self._send(("cancel", request_id))
+                    self._send(Cancel(request_id))
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: Start | Cancel | Shutdown | tuple[Any, ...]) -> None:
         try:
             self._connection.send(message)
         except (OSError, ValueError) as error:
@@ -213,14 +230,14 @@ class RunnerProcess:
             return
         if self.alive:
             with contextlib.suppress(OSError, EmberError):
-                self._send(("shutdown",))
+                self._send(Shutdown())
         try:
             await asyncio.to_thread(self._process.wait, timeout)
         except subprocess.TimeoutExpired:
             self._process.kill()
             await asyncio.to_thread(self._process.wait, timeout)
         for request_id, queue in self._streams.items():
-            queue.put_nowait(("error", request_id, ("EngineError", "the model was unloaded during this request", 503)))
+            queue.put_nowait(Failed(request_id, ("EngineError", "the model was unloaded during this request", 503)))
         with contextlib.suppress(OSError, ValueError):
             if self._loop is not None:
                 self._loop.remove_reader(self._connection.fileno())

@@ -19,11 +19,25 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ember.embeddings import EmbedJob
-from ember.engine.sequence import Sequence
+from ember.engine.sequence import Sequence, SequenceUpdate
 from ember.loaded_model import Job, LoadedModel
 from ember.logprobs import logprob_entries
 from ember.options import LoadOptions
-from ember.runner.protocol import error_to_tuple
+from ember.runner.protocol import (
+    Cancel,
+    Done,
+    Embedded,
+    Event,
+    Failed,
+    LoadFailed,
+    Ready,
+    Shutdown,
+    Start,
+    Steps,
+    Text,
+    ToolCalls,
+    error_to_tuple,
+)
 from ember.store.resolve import ModelSource
 from ember.types import ChatRequest, EmbedRequest, GenerateRequest
 
@@ -35,53 +49,54 @@ class _Runner:
     def __init__(self, connection: Connection, model: LoadedModel) -> None:
         self.connection = connection
         self.model = model
-        self.jobs: dict[int, tuple[str, Job]] = {}  # sequence id -> (request id, job)
-        self.by_request: dict[str, Sequence] = {}
-        self.events: list[tuple[Any, ...]] = []
+        self.jobs: dict[int, tuple[str, int, Job]] = {}  # sequence id -> (request id, choice index, job)
+        self.by_request: dict[str, list[Sequence]] = {}
+        self.events: list[Event] = []
         self.urgent = False  # an event the server should see now: a first token, an end, an error
         self.last_flush = 0.0
-        self.started: set[str] = set()  # requests whose first text was sent
+        self.started: set[int] = set()  # sequences whose first text was sent
         self.running = True
         self.embeds: deque[tuple[str, EmbedJob]] = deque()  # embedding requests, one input per loop turn
 
-    def handle(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind in ("generate", "chat"):
-            self.start(kind, message[1], message[2])
-        elif kind == "embed":
-            self.start_embed(message[1], message[2])
-        elif kind == "cancel":
-            sequence = self.by_request.get(message[1])
-            if sequence is not None:
+    def handle(self, message: Start | Cancel | Shutdown) -> None:
+        if isinstance(message, Start):
+            if message.kind == "embed":
+                self.start_embed(message.request_id, message.payload)
+            else:
+                self.start(message)
+        elif isinstance(message, Cancel):
+            for sequence in self.by_request.get(message.request_id, ()):
                 self.model.engine.cancel(sequence)
-            elif any(request_id == message[1] for request_id, _ in self.embeds):
-                self.embeds = deque(entry for entry in self.embeds if entry[0] != message[1])
-        elif kind == "shutdown":
+            self.embeds = deque(entry for entry in self.embeds if entry[0] != message.request_id)
+        elif isinstance(message, Shutdown):
             self.running = False
 
-    def start(self, kind: str, request_id: str, payload: dict[str, Any]) -> None:
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        self.events.append(Failed(request_id, error_to_tuple(error)))
+        self.urgent = True
+
+    def start(self, message: Start) -> None:
         try:
-            if kind == "generate":
-                job = self.model.start_generate(GenerateRequest.model_validate(payload))
+            if message.kind == "generate":
+                jobs = self.model.start_generate(GenerateRequest.model_validate(message.payload), message.choices)
             else:
-                job = self.model.start_chat(ChatRequest.model_validate(payload))
+                jobs = self.model.start_chat(ChatRequest.model_validate(message.payload), message.choices)
         except Exception as error:  # a bad request fails alone; the runner goes on
-            self.events.append(("error", request_id, error_to_tuple(error)))
+            self._fail(message.request_id, error)
+            return
+        if not isinstance(jobs, list):  # answered at once (a load-only request)
+            self.events.append(Done(message.request_id, jobs))
             self.urgent = True
             return
-        if not isinstance(job, Job):  # answered at once (a load-only request)
-            self.events.append(("done", request_id, job.model_dump()))
-            self.urgent = True
-            return
-        self.jobs[job.sequence.id] = (request_id, job)
-        self.by_request[request_id] = job.sequence
+        for index, job in enumerate(jobs):
+            self.jobs[job.sequence.id] = (message.request_id, index, job)
+        self.by_request[message.request_id] = [job.sequence for job in jobs]
 
     def start_embed(self, request_id: str, payload: dict[str, Any]) -> None:
         try:
             self.embeds.append((request_id, self.model.start_embed(EmbedRequest.model_validate(payload))))
         except Exception as error:
-            self.events.append(("error", request_id, error_to_tuple(error)))
-            self.urgent = True
+            self._fail(request_id, error)
 
     def embed_step(self) -> None:
         """Embed one input of the oldest embedding request (generation steps go on between inputs)."""
@@ -90,9 +105,9 @@ class _Runner:
             job.step()
             if not job.done:
                 return
-            self.events.append(("embedded", request_id, job.result().model_dump()))
+            self.events.append(Embedded(request_id, job.result()))
         except Exception as error:
-            self.events.append(("error", request_id, error_to_tuple(error)))
+            self.events.append(Failed(request_id, error_to_tuple(error)))
         self.embeds.popleft()
         self.urgent = True
 
@@ -101,36 +116,35 @@ class _Runner:
             entry = self.jobs.get(update.sequence.id)
             if entry is None:
                 continue
-            request_id, job = entry
+            request_id, index, job = entry
             if not update.done:
-                text = update.text
-                if job.parses_text:  # the job holds back what may be a tool call or a tag, and parses it
-                    text, chunk = job.stream_parts(update)
-                    if chunk is not None:
-                        self.events.append(("chunk", request_id, chunk))
-                        self.urgent = True
-                if update.logprob is not None:  # asked for: the token's logprob entry travels with its text
-                    entries = [entry.model_dump() for entry in logprob_entries(self.model.model, update) or ()]
-                    self.events.append(("text", request_id, text, entries))
-                if text:  # the common case, per token: no response object is built here
-                    if update.logprob is None:
-                        self.events.append(("text", request_id, text))
-                    if request_id not in self.started:
-                        self.started.add(request_id)
-                        self.urgent = True
+                self._stream(request_id, index, job, update)
                 continue
             self.urgent = True
-            self.started.discard(request_id)
-            try:
-                chunk = job.chunk(update)
-            except Exception as error:
-                chunk = None
-                self.events.append(("error", request_id, error_to_tuple(error)))
-            if update.done:
-                del self.jobs[update.sequence.id]
+            self.started.discard(update.sequence.id)
+            del self.jobs[update.sequence.id]
+            if not any(request == request_id for request, _, _ in self.jobs.values()):
                 self.by_request.pop(request_id, None)
-                if chunk is not None:
-                    self.events.append(("done", request_id, chunk.model_dump()))
+            try:
+                final = job.chunk(update)
+            except Exception as error:
+                self._fail(request_id, error)
+                continue
+            if final is not None:
+                self.events.append(Done(request_id, final, index))
+
+    def _stream(self, request_id: str, index: int, job: Job, update: SequenceUpdate) -> None:
+        # The job's parsers (thinking, tool calls) hold back what may be a tag or a call, and split the rest.
+        thinking, text, calls = job.parts(update)
+        logprobs = tuple(logprob_entries(self.model.model, update) or ())
+        if text or thinking or logprobs:  # the common case, per token: plain text, no response object built here
+            self.events.append(Text(request_id, text, index, logprobs, thinking))
+        if calls:  # whole calls, after the text before them
+            self.events.append(ToolCalls(request_id, tuple(calls), index))
+            self.urgent = True
+        if (text or thinking) and update.sequence.id not in self.started:
+            self.started.add(update.sequence.id)
+            self.urgent = True
 
     def flush(self, *, force: bool = False) -> None:
         """Send what the steps produced. Plain text waits up to FLUSH_INTERVAL to travel with the next steps'
@@ -144,7 +158,7 @@ class _Runner:
         events, self.events = self.events, []
         self.urgent = False
         self.last_flush = now
-        self.connection.send(("steps", events))
+        self.connection.send(Steps(events))
 
     def loop(self) -> None:
         engine = self.model.engine
@@ -170,7 +184,7 @@ def runner_main(connection: Connection, source: ModelSource, options: LoadOption
     try:
         model = LoadedModel(source, options)
     except BaseException as error:
-        connection.send(("load_failed", error_to_tuple(error)))
+        connection.send(LoadFailed(error_to_tuple(error)))
         connection.close()
         return
     facts = {
@@ -179,7 +193,7 @@ def runner_main(connection: Connection, source: ModelSource, options: LoadOption
         "gpu_layers": model.model.gpu_layers,
         "num_parallel": options.num_parallel,
     }
-    connection.send(("ready", facts))
+    connection.send(Ready(facts))
     runner = _Runner(connection, model)
     try:
         runner.loop()

@@ -1,25 +1,17 @@
-"""The messages between the server and a runner process, over a multiprocessing pipe.
+"""The messages between the server and a runner process, over a socket pair (pickled by multiprocessing).
 
-Server to runner:
-    ("generate", request_id, GenerateRequest as a dict)
-    ("chat", request_id, ChatRequest as a dict)
-    ("embed", request_id, EmbedRequest as a dict)   answered by "embedded" or "error"
-    ("cancel", request_id)
-    ("shutdown",)
+Each message is a small typed struct (a NamedTuple: pickled as a class and its fields, cheaply, once per
+engine step). Responses and logprob entries cross the pipe once, as the objects the server hands on.
 
-Runner to server:
-    ("ready", facts)                       once, after the model loaded
-    ("load_failed", error)                 instead of "ready"; then the runner exits
-    ("steps", [event, ...])                what one engine step produced, for every request at once:
-        ("text", request_id, text)         a piece of the answer
-        ("text", request_id, text, [entry dict])   the same, for a request that asked for logprobs: the
-                                           TokenLogprob of the token just sampled (text may be "": held back)
-        ("chunk", request_id, chunk dict)  a chunk with tool calls or thinking (requests with tools, or a
-                                           thinking model's)
-        ("done", request_id, final chunk as a dict)
-        ("error", request_id, error)       the request failed; others go on
-        ("embedded", request_id, EmbedResponse as a dict)   an embed request's vectors (not normalized);
-                                           the runner embeds one input per turn of its loop, between steps
+Server to runner: `Start` (a generate, chat or embed request; `choices` > 1 asks for several completions
+of one prompt, prefilled once), `Cancel`, `Shutdown`.
+
+Runner to server: `Ready` or `LoadFailed` once, after the load; then `Steps`, everything one or more engine
+steps produced for every request at once: `Text` (a piece of an answer: its content and, for a thinking
+model, its reasoning apart, with the logprob entries of its tokens when asked for), `ToolCalls` (the calls a
+chat's tool-call parser found), `Done` (a completion's final chunk with its metrics), `Embedded` (an embed
+request's vectors, not normalized) and `Failed` (that request failed; the others go on). `index` tells the
+completions of one request apart.
 
 An error travels as (class name, message, http status) and is rebuilt on the server side as the same
 EmberError subclass, so the user sees the message the runner wrote.
@@ -27,11 +19,72 @@ EmberError subclass, so the user sees the message the runner wrote.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from ember import errors
+from ember.types import ChatResponse, EmbedResponse, GenerateResponse, TokenLogprob, ToolCall
 
 ErrorTuple = tuple[str, str, int]
+
+
+class Start(NamedTuple):
+    kind: str  # "generate", "chat" or "embed"
+    request_id: str
+    payload: dict[str, Any]  # the native request, as JSON
+    choices: int = 1
+
+
+class Cancel(NamedTuple):
+    request_id: str
+
+
+class Shutdown(NamedTuple):
+    pass
+
+
+class Ready(NamedTuple):
+    facts: dict[str, Any]
+
+
+class LoadFailed(NamedTuple):
+    error: ErrorTuple
+
+
+class Text(NamedTuple):
+    request_id: str
+    text: str  # the answer's content; may be "" when only logprobs or thinking are new (the rest is held back)
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    thinking: str = ""  # a thinking model's reasoning (the `<think>` part), split from the content
+
+
+class ToolCalls(NamedTuple):
+    request_id: str
+    calls: tuple[ToolCall, ...]
+    index: int = 0
+
+
+class Done(NamedTuple):
+    request_id: str
+    final: GenerateResponse | ChatResponse
+    index: int = 0
+
+
+class Embedded(NamedTuple):
+    request_id: str
+    response: EmbedResponse
+
+
+class Failed(NamedTuple):
+    request_id: str
+    error: ErrorTuple
+
+
+Event = Text | ToolCalls | Done | Embedded | Failed
+
+
+class Steps(NamedTuple):
+    events: list[Event]
 
 
 def error_to_tuple(error: BaseException) -> ErrorTuple:

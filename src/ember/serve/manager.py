@@ -76,9 +76,10 @@ class Runner(Protocol):
 
     async def start(self) -> dict[str, Any]: ...
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateResponse]: ...
+    # `n` completions of the request (1 for most), as (choice index, chunk) in the order they come.
+    def generate_choices(self, request: GenerateRequest, n: int) -> AsyncIterator[tuple[int, GenerateResponse]]: ...
 
-    def chat(self, request: ChatRequest) -> AsyncIterator[ChatResponse]: ...
+    def chat_choices(self, request: ChatRequest, n: int) -> AsyncIterator[tuple[int, ChatResponse]]: ...
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse: ...
 
@@ -150,6 +151,7 @@ class ModelManager:
         devices: Callable[[], Sequence[GpuDevice]] = gpu_devices,
         resolve: Callable[[str], ModelSource] = resolve_model,
         limits: Limits | None = None,
+        load_timeout: float = 300.0,
     ) -> None:
         self.runner_factory = runner_factory
         self.default_options = dict(default_options or {})
@@ -161,8 +163,10 @@ class ModelManager:
         self.devices = devices
         self.resolve = resolve
         self.limits = limits or Limits()
+        self.load_timeout = load_timeout
         self.entries: dict[str, LoadedModelEntry] = {}
-        self._lock = asyncio.Lock()
+        self._loading: dict[str, tuple[asyncio.Future[LoadedModelEntry], LoadOptions]] = {}
+        self._reserved: dict[str, int] = {}  # estimated bytes of the models being loaded
         self._idle = asyncio.Condition()
 
     # --- requests ------------------------------------------------------------------------------------
@@ -171,24 +175,43 @@ class ModelManager:
         self, request: GenerateRequest, *, priority: str | int | None = None, timeout: float | None = None
     ) -> AsyncIterator[GenerateResponse]:
         """Stream the answer; a request with an empty prompt only loads (or, with keep_alive 0, unloads)."""
-        resolved = await self._prepare(request, priority)
-        if not request.prompt and not request.context and not request.suffix:
-            yield await self._load_only(resolved, GenerateResponse)
-            return
-        native = resolved.request
-        async for chunk in self._serve(resolved, lambda runner: runner.generate(native), timeout):
+        async for _, chunk in self.generate_choices(request, 1, priority=priority, timeout=timeout):
             yield chunk
 
     async def chat(
         self, request: ChatRequest, *, priority: str | int | None = None, timeout: float | None = None
     ) -> AsyncIterator[ChatResponse]:
-        resolved = await self._prepare(request, priority)
-        if not request.messages:
-            yield await self._load_only(resolved, ChatResponse)
+        """Stream the next assistant message; a request with no messages only loads (or unloads)."""
+        async for _, chunk in self.chat_choices(request, 1, priority=priority, timeout=timeout):
+            yield chunk
+
+    async def generate_choices(
+        self, request: GenerateRequest, n: int, *, priority: str | int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[tuple[int, GenerateResponse]]:
+        """`n` completions of one prompt, as (choice index, chunk): the runner prefills the prompt once and the
+        others copy its KV (choice i samples with seed + i when a seed is set). One place in the queue."""
+        resolved = await self._prepare(request, priority, n)
+        if not request.prompt and not request.context and not request.suffix:
+            loaded = await self._load_only(resolved, GenerateResponse)
+            for index in range(n):
+                yield index, loaded
             return
         native = resolved.request
-        async for chunk in self._serve(resolved, lambda runner: runner.chat(native), timeout):
-            yield chunk
+        async for item in self._serve(resolved, lambda runner: runner.generate_choices(native, n), timeout):
+            yield item
+
+    async def chat_choices(
+        self, request: ChatRequest, n: int, *, priority: str | int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[tuple[int, ChatResponse]]:
+        resolved = await self._prepare(request, priority, n)
+        if not request.messages:
+            loaded = await self._load_only(resolved, ChatResponse)
+            for index in range(n):
+                yield index, loaded
+            return
+        native = resolved.request
+        async for item in self._serve(resolved, lambda runner: runner.chat_choices(native, n), timeout):
+            yield item
 
     async def embed(
         self, request: EmbedRequest, *, priority: str | int | None = None, timeout: float | None = None
@@ -208,12 +231,13 @@ class ModelManager:
         results = [result async for result in self._serve(resolved, once, timeout)]
         return results[0]
 
-    async def _prepare(self, request: Any, priority: str | int | None) -> Resolved[Any]:
+    async def _prepare(self, request: Any, priority: str | int | None, choices: int = 1) -> Resolved[Any]:
         # In a worker thread: finding the model reads the store, and a first insertion reads its vocabulary.
-        return await asyncio.to_thread(self.prepare, request, priority)
+        return await asyncio.to_thread(self.prepare, request, priority, choices)
 
-    def prepare(self, request: Any, priority: str | int | None = None) -> Resolved[Any]:
-        """Resolve and validate a request (model, options, caps, capabilities) before anything is loaded."""
+    def prepare(self, request: Any, priority: str | int | None = None, choices: int = 1) -> Resolved[Any]:
+        """Resolve and validate a request (model, options, caps, capabilities, the number of completions)
+        before anything is loaded."""
         return resolve_request(
             request,
             find_model=self.resolve,
@@ -221,6 +245,7 @@ class ModelManager:
             limits=self.limits,
             keep_alive=parse_keep_alive(request.keep_alive, self.keep_alive),
             priority=priority,
+            choices=choices,
         )
 
     async def _load_only(self, resolved: Resolved[Any], kind: type) -> Any:
@@ -269,24 +294,70 @@ class ModelManager:
                 await self._became_idle(entry)
 
     # --- loading -------------------------------------------------------------------------------------
+    # Loads never block other models: each model being loaded has a future in `_loading`, and requests for it
+    # wait on that future alone. The bookkeeping (entries, futures, reservations) changes only between awaits,
+    # so within the one event loop it needs no lock.
 
     async def _entry(
         self, name: str, source: ModelSource, wanted: LoadOptions, keep_alive: float | None
     ) -> LoadedModelEntry:
-        async with self._lock:
-            while True:
-                entry = self.entries.get(name)
-                if entry is None:
-                    break
-                if not entry.runner.alive:  # it crashed: its requests failed; start afresh
-                    await self._unload(entry)
-                    break
-                if entry.requested == wanted and entry.source.path == source.path and not entry.draining:
-                    return entry
-                entry.draining = True  # other load options: replace it once its requests are done
-                await self._wait_idle(entry)
+        while True:
+            entry = self.entries.get(name)
+            if entry is not None and not entry.runner.alive:  # it crashed: its requests failed; start afresh
                 await self._unload(entry)
-            return await self._load(name, source, wanted, keep_alive)
+                continue
+            if (
+                entry is not None
+                and not entry.draining
+                and (entry.requested, entry.source.path) == (wanted, source.path)
+            ):
+                return entry
+            pending = self._loading.get(name)
+            if pending is None:
+                return await self._load_once(name, source, wanted, keep_alive, replacing=entry)
+            future, options = pending
+            try:
+                loaded = await asyncio.shield(future)
+            except Exception:
+                if options == wanted:  # the load this request waited for failed: so does the request
+                    raise
+                continue
+            if loaded.requested == wanted and loaded.runner.alive:
+                return loaded
+
+    async def _load_once(
+        self,
+        name: str,
+        source: ModelSource,
+        wanted: LoadOptions,
+        keep_alive: float | None,
+        replacing: LoadedModelEntry | None,
+    ) -> LoadedModelEntry:
+        """Load `name` (once the entry it replaces is idle); requests for it meanwhile wait on one future."""
+        future: asyncio.Future[LoadedModelEntry] = asyncio.get_running_loop().create_future()
+        self._loading[name] = (future, wanted)
+        try:
+            if replacing is not None:  # other load options: replace it once its requests are done
+                replacing.draining = True
+                await self._wait_idle(replacing)
+                await self._unload(replacing)
+            try:
+                entry = await asyncio.wait_for(self._load(name, source, wanted, keep_alive), self.load_timeout)
+            except TimeoutError:
+                raise ModelLoadError(
+                    f"loading {name} took longer than {self.load_timeout:g} s (EMBER_LOAD_TIMEOUT); the machine may "
+                    "be busy or the model too large for it: try again, or allow more time"
+                ) from None
+        except BaseException as error:
+            failure = error if isinstance(error, Exception) else ModelLoadError(f"loading {name} was interrupted")
+            future.set_exception(failure)
+            future.exception()  # marked as seen: a failed load that nobody else awaited is no unhandled error
+            raise
+        else:
+            future.set_result(entry)
+            return entry
+        finally:
+            self._loading.pop(name, None)
 
     async def _wait_idle(self, entry: LoadedModelEntry) -> None:
         async with self._idle:
@@ -295,8 +366,19 @@ class ModelManager:
     async def _load(
         self, name: str, source: ModelSource, wanted: LoadOptions, keep_alive: float | None
     ) -> LoadedModelEntry:
-        estimate = estimate_model(read_gguf(source.path), wanted)
-        await self._make_room(estimate)
+        info = await asyncio.to_thread(read_gguf, source.path)  # parsing a large header must not stall streams
+        estimate = estimate_model(info, wanted)
+        self._reserved[name] = estimate.total()  # counted by other loads making room at the same time
+        try:
+            await self._make_room(estimate, name)
+            return await self._start_runner(name, source, wanted, keep_alive, estimate)
+        finally:
+            self._reserved.pop(name, None)
+
+    async def _start_runner(
+        self, name: str, source: ModelSource, wanted: LoadOptions, keep_alive: float | None, estimate: ModelEstimate
+    ) -> LoadedModelEntry:
+        """Start the runner, down the fallback ladder when a load runs out of memory."""
         devices = list(self.devices())
         plan = plan_gpu_layers(estimate, devices, n_layer=estimate.n_layer, requested=wanted.num_gpu)
         first = wanted if wanted.num_gpu >= 0 or not devices else wanted.model_copy(update={"num_gpu": plan.layers})
@@ -335,11 +417,13 @@ class ModelManager:
             return entry
         raise ModelLoadError(f"not enough memory to load {name}; tried " + "; ".join(failures))
 
-    async def _make_room(self, estimate: ModelEstimate) -> None:
-        """Evict least recently used idle models until the new one fits the budget and the model count."""
+    async def _make_room(self, estimate: ModelEstimate, name: str) -> None:
+        """Evict least recently used idle models until the new one fits the budget and the model count (loads
+        of other models in progress count as if they were loaded)."""
         while self.entries:
-            used = sum(entry.estimate.total() for entry in self.entries.values())
-            if len(self.entries) < self.max_loaded and used + estimate.total() <= self.budget():
+            others = {other: size for other, size in self._reserved.items() if other != name}
+            used = sum(entry.estimate.total() for entry in self.entries.values()) + sum(others.values())
+            if len(self.entries) + len(others) < self.max_loaded and used + estimate.total() <= self.budget():
                 return
             idle = [entry for entry in self.entries.values() if entry.idle]
             if not idle:  # everything is busy: wait for something to finish, then look again
@@ -362,10 +446,8 @@ class ModelManager:
         async with self._idle:
             self._idle.notify_all()
         if entry.draining or entry.keep_alive == 0:
-            if not entry.draining:
-                async with self._lock:
-                    if entry.idle and self.entries.get(entry.name) is entry:
-                        await self._unload(entry)
+            if not entry.draining and entry.idle and self.entries.get(entry.name) is entry:
+                await self._unload(entry)
             return
         self._schedule_expiry(entry)
 
@@ -385,10 +467,9 @@ class ModelManager:
             entry.timer = None
 
     async def _expire(self, entry: LoadedModelEntry) -> None:
-        async with self._lock:
-            if entry.idle and self.entries.get(entry.name) is entry:
-                log.info("keep_alive expired: unloading %s", entry.name)
-                await self._unload(entry)
+        if entry.idle and self.entries.get(entry.name) is entry:
+            log.info("keep_alive expired: unloading %s", entry.name)
+            await self._unload(entry)
 
     # --- management ----------------------------------------------------------------------------------
 
@@ -418,9 +499,8 @@ class ModelManager:
         entry = self.entries.get(name) or self.entries.get(self.resolve(name).name)
         if entry is None:
             return False
-        async with self._lock:
-            entry.queue.fail_all(ModelLoadError(f"{entry.name} was unloaded while this request waited"))
-            await self._unload(entry)
+        entry.queue.fail_all(ModelLoadError(f"{entry.name} was unloaded while this request waited"))
+        await self._unload(entry)
         return True
 
     async def close(self) -> None:

@@ -54,7 +54,7 @@ class Limits:
             )
 
     def check_n(self, n: int) -> None:
-        """OpenAI's `n` (answers per request), which fans out into n native requests."""
+        """OpenAI's `n`: the completions one request asks for (they share one prefill, but each takes a slot)."""
         if n < 1 or (self.max_n is not None and n > self.max_n):
             raise InvalidRequestError(f"n must be an integer from 1 to {self.max_n} (EMBER_MAX_N)")
 
@@ -80,8 +80,11 @@ def resolve_request(
     limits: Limits,
     keep_alive: float | None,
     priority: str | int | None = None,
+    choices: int = 1,
 ) -> Resolved[RequestT]:
-    """Check a native request against the server's rules and the model; raise an EmberError that says why."""
+    """Check a native request (asking for `choices` completions) against the server's rules and the model;
+    raise an EmberError that says why."""
+    limits.check_n(choices)
     if not request.model:
         raise InvalidRequestError("name a model in the request's `model` field")
     source = find_model(request.model)

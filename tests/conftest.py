@@ -10,6 +10,9 @@ import pytest
 
 import ember
 from ember.store.bundled import DEFAULT_MODEL
+from ember.store.defaults import mark_bundled_models_offered
+from ember.store.store import ModelStore
+from tests.http_server import FileServer
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +27,34 @@ def model() -> Iterator[ember.Model]:
         yield loaded
 
 
+@pytest.fixture(scope="session")
+def _empty_registry() -> Iterator[str]:
+    """A registry with no models: a pull of an unknown name gets its 404, never an answer from the internet."""
+    with FileServer() as server:
+        yield server.base_url
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reads or writes the user's real EMBER_HOME."""
-    monkeypatch.setenv("EMBER_HOME", str(tmp_path_factory.mktemp("ember-home")))
+def _isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, _empty_registry: str
+) -> None:
+    """No test reads or writes the user's real EMBER_HOME, or pulls from a registry on the internet.
+
+    The store starts empty, as after a user removed the bundled model, so that a test sees only the models it
+    put there; `fresh_home` gives the home of a new user, where the bundled model is registered on first use.
+    """
+    home = tmp_path_factory.mktemp("ember-home")
+    monkeypatch.setenv("EMBER_HOME", str(home))
+    monkeypatch.setenv("EMBER_REGISTRY", _empty_registry)
+    mark_bundled_models_offered(ModelStore(home / "models"))
+
+
+@pytest.fixture
+def fresh_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """EMBER_HOME as a new user has it: nothing there yet."""
+    home = tmp_path_factory.mktemp("fresh-home")
+    monkeypatch.setenv("EMBER_HOME", str(home))
+    return home
 
 
 def greedy(**extra: object) -> dict[str, object]:

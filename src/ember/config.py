@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_num_predict: int = Field(32768, ge=1, description="Cap on num_predict / max_tokens per request.")
     max_num_ctx: int = Field(131072, ge=256, description="Cap on num_ctx per request.")
     max_n: int = Field(8, ge=1, description="Cap on n (completions per request) in the OpenAI API.")
+    registry: str = Field(
+        "https://registry.ollama.ai",
+        description="Base URL of the Ollama-style registry that `ember pull NAME[:TAG]` pulls library names from.",
+    )
 
     @property
     def host_and_port(self) -> tuple[str, int]:

@@ -82,7 +82,7 @@ def test_model_commands_go_through_the_server(model_path: Path, tmp_path: Path) 
             (["cp", "local-copy", "../escape"], "invalid model name"),
             (["show", "nosuch"], "not found"),
             (["run", "nosuch", "hi"], "not found"),
-            (["pull", "somename"], "cannot pull"),
+            (["pull", "somename"], "'somename:latest' not found in the registry"),
             (["pull", str(tmp_path / "missing.gguf")], "no model file"),
         ):
             result = ember(env, *args)

@@ -202,3 +202,12 @@ def test_a_template_ember_cannot_translate_leaves_the_model_file_template(
     assert resolve_model("modern:1").template is None  # so the GGUF's own chat template is used
     assert any("chat template inside the model file" in notice for notice in notices)
     assert registry.blob_requests(digest_of(model_bytes)) == []
+
+
+def test_the_registry_is_asked_with_the_case_typed(
+    registry: LocalRegistry, model_bytes: bytes, model_path: Path
+) -> None:
+    registry.publish("Team/SmolLM:Q4_K_M", [(MODEL_MEDIA_TYPE, model_bytes)])
+    pull(str(model_path), name="local")  # the model file is in the store already: only the manifest is fetched
+    assert pull("Team/SmolLM:Q4_K_M", registry=registry.url).name == "team/smollm:q4_k_m"  # stored in lower case
+    assert len(registry.server.requests_to("/v2/Team/SmolLM/manifests/Q4_K_M")) == 1

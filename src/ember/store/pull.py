@@ -130,6 +130,7 @@ def pull(
             target=target,
             registry=registry or Settings().registry,
             insecure=insecure,
+            as_typed=source,
             model_digest=f"sha256:{_normalize_sha256(sha256)}" if sha256 is not None else None,
             progress=progress,
             status=status or _no_status,

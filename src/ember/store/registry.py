@@ -134,10 +134,29 @@ class RegistryManifest:
     layers: tuple[Layer, ...]
 
 
-def locate(name: ModelName, *, registry: str, insecure: bool = False) -> RegistryModel:
-    """The registry location of a parsed name: its own host if it has one, else `registry` (EMBER_REGISTRY)."""
+def locate(name: ModelName, *, registry: str, insecure: bool = False, as_typed: str | None = None) -> RegistryModel:
+    """The registry location of a parsed name: its own host if it has one, else `registry` (EMBER_REGISTRY).
+
+    ember stores names in lower case; the registry is asked with the case the user typed (`as_typed`), as
+    Ollama asks it (`qwen2.5:0.5b-instruct-q4_K_M`).
+    """
+    name = _with_typed_case(name, as_typed) if as_typed is not None else name
     base = f"{'http' if insecure else 'https'}://{name.host}" if name.host else _registry_base(registry)
     return RegistryModel(base, name.namespace or DEFAULT_NAMESPACE, name.model, name.tag)
+
+
+def _with_typed_case(name: ModelName, typed: str) -> ModelName:
+    text = typed.strip()
+    path, _, tag = text.rpartition(":") if ":" in text.rsplit("/", 1)[-1] else (text, "", name.tag)
+    parts = path.split("/")
+    cased = ModelName(
+        model=parts[-1],
+        tag=tag,
+        namespace=parts[-2] if len(parts) >= 2 else None,
+        host=parts[0] if len(parts) == 3 else None,
+    )
+    # Only a change of case is taken from the text, so every part is still the validated one.
+    return cased if str(cased).lower() == str(name) else name
 
 
 def stored_name(name: ModelName) -> ModelName:
@@ -398,7 +417,11 @@ def translate_template(text: str, status: Status) -> str | None:
         jinja = translate_go_template(text)
         ChatTemplate(jinja)
     except TemplateError as error:
-        status(f"using the chat template inside the model file: the registry's template cannot be translated ({error})")
+        log.info("the registry's template was not translated: %s", error)
+        status(
+            "using the chat template inside the model file: the registry's template uses Go template features "
+            "that ember does not translate"
+        )
         return None
     return jinja
 
@@ -458,6 +481,7 @@ def pull_from_registry(
     target: ModelName | None,
     registry: str,
     insecure: bool,
+    as_typed: str | None = None,
     model_digest: str | None,
     progress: ProgressFactory,
     status: Status,
@@ -469,7 +493,7 @@ def pull_from_registry(
     from ember.store.gguf_file import read_gguf
     from ember.store.pull import PullResult, model_config
 
-    location = locate(name, registry=registry, insecure=insecure)
+    location = locate(name, registry=registry, insecure=insecure, as_typed=as_typed)
     manifest = fetch_manifest(location)
     wanted = _layers_to_fetch(location, manifest, status)
     (model_layer,) = (layer for layer in wanted if layer.media_type == MODEL_MEDIA_TYPE)

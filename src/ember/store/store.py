@@ -241,6 +241,7 @@ class ModelStore:
 
         `layers` pairs a media type with a staged blob or an existing layer (reused from another manifest).
         """
+        self._ensure_defaults()  # a fresh store's first model is the bundled one, whatever the first command
         parsed = _short_name(name if isinstance(name, ModelName) else parse_model_name(name))
         pending = [blob for _, blob in layers if isinstance(blob, PendingBlob)]
         config_blob = self.blob_from_bytes(json.dumps(config, sort_keys=True).encode())

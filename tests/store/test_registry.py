@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 import ember
-from ember.errors import ModelNotFoundError, PullError
+from ember.errors import EmberError, ModelNotFoundError, PullError
 from ember.store.go_template import translate_go_template
 from ember.store.pull import pull
 from ember.store.resolve import resolve_model
 from ember.store.store import (
+    ADAPTER_MEDIA_TYPE,
     LICENSE_MEDIA_TYPE,
     MESSAGES_MEDIA_TYPE,
     MODEL_MEDIA_TYPE,
@@ -26,6 +27,7 @@ from ember.store.store import (
     ModelStore,
 )
 from tests.http_server import FileServer
+from tests.lora_files import write_tiny_lora
 from tests.registry import LocalRegistry, digest_of
 
 # Not ChatML (the model's own template), so a prompt rendered with it is told apart by its token count.
@@ -211,3 +213,30 @@ def test_the_registry_is_asked_with_the_case_typed(
     pull(str(model_path), name="local")  # the model file is in the store already: only the manifest is fetched
     assert pull("Team/SmolLM:Q4_K_M", registry=registry.url).name == "team/smollm:q4_k_m"  # stored in lower case
     assert len(registry.server.requests_to("/v2/Team/SmolLM/manifests/Q4_K_M")) == 1
+
+
+def test_an_adapter_layer_is_kept_and_checked(
+    registry: LocalRegistry, model_bytes: bytes, model_path: Path, tmp_path: Path
+) -> None:
+    lora = write_tiny_lora(model_path, tmp_path / "lora.gguf", layers=[0]).read_bytes()
+    other = write_tiny_lora(model_path, tmp_path / "other.gguf", layers=[0], architecture="qwen2")
+    registry.publish("library/tuned:1", [(MODEL_MEDIA_TYPE, model_bytes), (ADAPTER_MEDIA_TYPE, lora)])
+    registry.publish("library/mismatch:1", [(MODEL_MEDIA_TYPE, model_bytes), (ADAPTER_MEDIA_TYPE, other.read_bytes())])
+    pull(str(model_path), name="local")  # the model file is in the store already
+    with pytest.raises(EmberError, match="for qwen2 models"):
+        pull("mismatch:1", registry=registry.url)
+    assert ModelStore().get("mismatch:1") is None
+    (adapter,) = resolve_model(pull("tuned:1", registry=registry.url).name).adapters
+    assert adapter.read_bytes() == lora
+
+
+def test_a_name_with_a_host_is_pulled_from_that_host(
+    registry: LocalRegistry, model_bytes: bytes, model_path: Path
+) -> None:
+    registry.publish("team/hosted:1", [(MODEL_MEDIA_TYPE, model_bytes)])
+    host = registry.url.removeprefix("http://")
+    pull(str(model_path), name="local")  # the model file is in the store already
+    with pytest.raises(PullError, match="cannot reach the registry https://"):
+        pull(f"{host}/team/hosted:1")  # https unless the pull says insecure, and this one speaks http
+    name = pull(f"{host}/team/hosted:1", insecure=True).name  # EMBER_REGISTRY plays no part
+    assert name == f"{host}/team/hosted:1" and resolve_model(name).path.read_bytes() == model_bytes

@@ -416,7 +416,7 @@ def _model_card(name: str, created: float) -> dict[str, Any]:
 
 
 def _known_models() -> list[dict[str, Any]]:
-    # The store lists the bundled default model too (registered when the store is first read).
+    # The store lists the bundled default model too (registered when the store is first used).
     return [_model_card(str(m.name), m.modified) for m in ModelStore().list()]
 
 

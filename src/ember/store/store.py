@@ -11,8 +11,8 @@ steps that make blobs visible, write or delete manifests, and collect unreferenc
 lock (flock on `.lock`), so concurrent processes never see a manifest whose blobs are missing, and a blob is
 removed only when no manifest refers to it.
 
-The bundled default model is registered the first time a store is read (see `ember.store.defaults`): a
-fresh EMBER_HOME lists it, and a user who removes it does not see it come back.
+The bundled default model is registered the first time a store is used, read or written (see
+`ember.store.defaults`): a fresh EMBER_HOME lists it, and a user who removes it does not see it come back.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ class ModelStore:
         self._defaults_checked = False
 
     def _ensure_defaults(self) -> None:
-        """Register the bundled models once per store (one stat per instance after that). Never under the lock:
-        registering commits, and commit takes the lock itself."""
+        """Register the bundled models in a store that has not had them offered (after that: one small file read
+        per instance). Never called under the lock: registering commits, and commit takes the lock itself."""
         if self._defaults_checked:
             return
         self._defaults_checked = True

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
         description="How /v1/embeddings reads token-id inputs: a tiktoken encoding (cl100k_base: what OpenAI "
         "clients such as LangChain's OpenAIEmbeddings send), or `model` for the model's own token ids.",
     )
+    registry: str = Field(
+        "https://registry.ollama.ai",
+        description="Base URL of the Ollama-style registry that `ember pull NAME[:TAG]` pulls library names from.",
+    )
 
     @property
     def host_and_port(self) -> tuple[str, int]:

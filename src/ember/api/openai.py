@@ -26,7 +26,6 @@ from ember.api.openai_logprobs import Offsets, chat_logprobs, entries_of
 from ember.api.openai_protocol import ChatCompletionRequest, CompletionRequest
 from ember.collect import AnswerCollector
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
-from ember.store.bundled import DEFAULT_MODEL
 from ember.store.resolve import resolve_model
 from ember.store.store import ModelStore
 from ember.tools import openai_tool_call
@@ -292,15 +291,8 @@ def _model_card(name: str, created: float) -> dict[str, Any]:
 
 
 def _known_models() -> list[dict[str, Any]]:
-    cards = {str(m.name): _model_card(str(m.name), m.modified) for m in ModelStore().list()}
-    default = f"{DEFAULT_MODEL.name}:latest"
-    if default not in cards:
-        try:
-            path = DEFAULT_MODEL.locate()
-        except EmberError:
-            return list(cards.values())
-        cards[default] = _model_card(default, path.stat().st_mtime)
-    return list(cards.values())
+    # The store lists the bundled default model too (registered when the store is first used).
+    return [_model_card(str(m.name), m.modified) for m in ModelStore().list()]
 
 
 @router.get("/v1/models")

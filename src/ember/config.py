@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     max_num_predict: int = Field(32768, ge=1, description="Cap on num_predict / max_tokens per request.")
     max_num_ctx: int = Field(131072, ge=256, description="Cap on num_ctx per request.")
     max_n: int = Field(8, ge=1, description="Cap on n (completions per request) in the OpenAI API.")
+    batch_slots: int | None = Field(
+        None, ge=1, description="Most of a model's slots batch lines may hold at once (default: all but one)."
+    )
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, description="Largest file accepted by POST /v1/files (batch input)."
+    )
 
     @property
     def host_and_port(self) -> tuple[str, int]:

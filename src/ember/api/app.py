@@ -31,6 +31,7 @@ def create_manager(settings: Settings) -> ModelManager:
         keep_alive=parse_keep_alive(settings.keep_alive, 300.0),
         max_loaded=settings.max_loaded_models,
         max_queued=settings.max_queue,
+        batch_slots=settings.batch_slots,
     )
 
 

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 
 from ember.api import schemas
 from ember.api.ollama import PRIORITY_HEADER, check_caps, manager_of, read_json
+from ember.api.openai_calls import NativeCall
 from ember.embeddings import finish_vector, float32_base64
 from ember.errors import InvalidRequestError
 from ember.types import EmbedRequest, EmbedResponse, build_request
@@ -50,9 +51,8 @@ async def embeddings(request: Request) -> dict[str, Any]:
     return {"embedding": finish_vector(result.embeddings[0], normalize=False, dimensions=native.dimensions)}
 
 
-@router.post("/v1/embeddings", openapi_extra=schemas.OPENAI_EMBEDDINGS)
-async def openai_embeddings(request: Request) -> dict[str, Any]:
-    body = await read_json(request)
+def embeddings_call(body: dict[str, Any]) -> NativeCall:
+    """An OpenAI embeddings body as one native embed request and the collector that shapes its answer."""
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]
@@ -70,16 +70,43 @@ async def openai_embeddings(request: Request) -> dict[str, Any]:
         raise InvalidRequestError("dimensions must be a positive integer")
     model = body.get("model")
     native = build_request(EmbedRequest, model=model or "", input=texts, dimensions=dimensions)
-    result = await _embed(request, native)
-    data = []
-    for index, vector in enumerate(result.embeddings):
-        values = finish_vector(vector, normalize=True, dimensions=dimensions)
-        data.append(
-            {
-                "object": "embedding",
-                "index": index,
-                "embedding": float32_base64(values) if encoding == "base64" else values,
-            }
-        )
-    usage = {"prompt_tokens": result.prompt_eval_count, "total_tokens": result.prompt_eval_count}
-    return {"object": "list", "data": data, "model": model, "usage": usage}
+    return NativeCall("embed", [native], EmbeddingsCollector(model, encoding, dimensions))
+
+
+class EmbeddingsCollector:
+    """Shapes the native embeddings of one request as OpenAI's list of embedding objects."""
+
+    def __init__(self, model: Any, encoding: str, dimensions: int | None) -> None:
+        self.head = {"model": model}
+        self.encoding, self.dimensions = encoding, dimensions
+        self.result: EmbedResponse | None = None
+
+    def add(self, index: int, chunk: EmbedResponse) -> None:
+        self.result = chunk
+
+    def body(self) -> dict[str, Any]:
+        assert self.result is not None, "no embeddings were added"
+        data = []
+        for index, vector in enumerate(self.result.embeddings):
+            values = finish_vector(vector, normalize=True, dimensions=self.dimensions)
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": index,
+                    "embedding": float32_base64(values) if self.encoding == "base64" else values,
+                }
+            )
+        tokens = self.result.prompt_eval_count
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.head["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+
+@router.post("/v1/embeddings", openapi_extra=schemas.OPENAI_EMBEDDINGS)
+async def openai_embeddings(request: Request) -> dict[str, Any]:
+    call = embeddings_call(await read_json(request))
+    call.collector.add(0, await _embed(request, call.requests[0]))
+    return call.collector.body()

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember.api import schemas
 from ember.api.ollama import PRIORITY_HEADER, first_then_rest, manager_of, read_json
+from ember.api.openai_calls import NativeCall
 from ember.api.openai_logprobs import Offsets, chat_fields, chat_logprobs, completion_fields, entries_of
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
 from ember.store.bundled import DEFAULT_MODEL
@@ -52,6 +53,14 @@ def _options(body: dict[str, Any], settings: Any) -> dict[str, Any]:
         ("presence_penalty", "presence_penalty"),
         ("frequency_penalty", "frequency_penalty"),
         ("repeat_penalty", "repeat_penalty"),  # llama.cpp server's extension: 1 turns Ollama's default 1.1 off
+        # llama.cpp server's other sampling extensions, so `ember batch --top-k ...` means the same everywhere
+        ("top_k", "top_k"),
+        ("min_p", "min_p"),
+        ("typical_p", "typical_p"),
+        ("repeat_last_n", "repeat_last_n"),
+        ("mirostat", "mirostat"),
+        ("mirostat_tau", "mirostat_tau"),
+        ("mirostat_eta", "mirostat_eta"),
     ):
         if body.get(openai_name) is not None:
             options[name] = body[openai_name]
@@ -173,10 +182,10 @@ def _finish_reason(final: Any) -> str:
     return _FINISH.get(final.done_reason or "stop", "stop")
 
 
-def _collected(head: dict[str, Any], kind: str, choices: list[dict[str, Any]], finals: list[Any]) -> JSONResponse:
+def _collected(head: dict[str, Any], kind: str, choices: list[dict[str, Any]], finals: list[Any]) -> dict[str, Any]:
     """A whole (non-streamed) answer: its choices and the usage summed over them."""
     usage = _sum_usage([_usage(final) for final in finals])
-    return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage})
+    return {**head, "object": kind, "choices": choices, "usage": usage}
 
 
 def _stream_end(chunk_head: dict[str, Any], include_usage: bool, usages: list[dict[str, Any]]) -> bytes:
@@ -197,10 +206,8 @@ async def _stream(request: Request, make: Any, n: int, shape: Any) -> AsyncItera
     return await first_then_rest(_merged(streams))
 
 
-@router.post("/v1/chat/completions", openapi_extra=schemas.OPENAI_CHAT)
-async def chat_completions(request: Request) -> Response:
-    body = await read_json(request)
-    settings = request.app.state.settings
+def chat_call(body: dict[str, Any], settings: Any) -> NativeCall:
+    """A chat completion body as native chat requests (one per choice) and the collector of their answers."""
     options, n, response_format = _options(body, settings), _n(body, settings), _format(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -228,35 +235,62 @@ async def chat_completions(request: Request) -> Response:
         tool_choice=body.get("tool_choice"),
         **chat_fields(body),
     )
+    requests = [base.model_copy(update={"options": _seeded(options, index)}) for index in range(n)]
+    return NativeCall("chat", requests, ChatCollector(base, n, model))
 
-    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
-        return manager.chat(
-            base.model_copy(update={"options": _seeded(options, index)}), priority=priority, timeout=timeout
-        )
 
-    chunks = await _stream(request, make, n, None)
-    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": completion_id, "created": created, "model": model, "system_fingerprint": "ember"}
-    if not body.get("stream"):
-        texts, finals, calls = [""] * n, [None] * n, [[] for _ in range(n)]
-        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        async for index, chunk in chunks:
-            texts[index] += chunk.message.content
-            logprobs[index] += entries_of(chunk)
-            calls[index].extend(chunk.message.tool_calls or ())
-            if chunk.done:
-                finals[index] = chunk
+class ChatCollector:
+    """Collects the chunks of n chat answers into one chat.completion body."""
+
+    def __init__(self, base: ChatRequest, n: int, model: Any) -> None:
+        self.with_logprobs = base.logprobs
+        self.head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "ember",
+        }
+        self.texts, self.finals = [""] * n, [None] * n
+        self.calls: list[list[Any]] = [[] for _ in range(n)]
+        self.logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+
+    def add(self, index: int, chunk: Any) -> None:
+        self.texts[index] += chunk.message.content
+        self.logprobs[index] += entries_of(chunk)
+        self.calls[index].extend(chunk.message.tool_calls or ())
+        if chunk.done:
+            self.finals[index] = chunk
+
+    def body(self) -> dict[str, Any]:
+        texts, calls = self.texts, self.calls
         choices = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": texts[i] or (None if calls[i] else "")}
                 | ({"tool_calls": [openai_tool_call(call) for call in calls[i]]} if calls[i] else {}),
-                "logprobs": chat_logprobs(logprobs[i] if base.logprobs else None),
-                "finish_reason": "tool_calls" if calls[i] else _finish_reason(finals[i]),
+                "logprobs": chat_logprobs(self.logprobs[i] if self.with_logprobs else None),
+                "finish_reason": "tool_calls" if calls[i] else _finish_reason(self.finals[i]),
             }
-            for i in range(n)
+            for i in range(len(texts))
         ]
-        return _collected(head, "chat.completion", choices, finals)
+        return _collected(self.head, "chat.completion", choices, self.finals)
+
+
+@router.post("/v1/chat/completions", openapi_extra=schemas.OPENAI_CHAT)
+async def chat_completions(request: Request) -> Response:
+    body = await read_json(request)
+    call = chat_call(body, request.app.state.settings)
+    base, n = call.requests[0], len(call.requests)
+
+    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
+        return manager.chat(call.requests[index], priority=priority, timeout=timeout)
+
+    chunks = await _stream(request, make, n, None)
+    head = call.collector.head
+    if not body.get("stream"):
+        async for index, chunk in chunks:
+            call.collector.add(index, chunk)
+        return JSONResponse(call.collector.body())
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[bytes]:
@@ -319,10 +353,8 @@ async def chat_completions(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/v1/completions", openapi_extra=schemas.OPENAI_COMPLETION)
-async def completions(request: Request) -> Response:
-    body = await read_json(request)
-    settings = request.app.state.settings
+def completion_call(body: dict[str, Any], settings: Any) -> NativeCall:
+    """A (legacy) completion body as native raw generate requests (one per choice) and their collector."""
     options, n = _options(body, settings), _n(body, settings)
     options.setdefault("num_predict", 16)  # OpenAI's default max_tokens for completions
     prompt = body.get("prompt", "")
@@ -332,7 +364,6 @@ async def completions(request: Request) -> Response:
         raise InvalidRequestError("prompt must be a string (lists of prompts are not supported)")
     if body.get("suffix"):
         raise InvalidRequestError("suffix (fill-in-the-middle) is not supported; put the text in the prompt")
-    echo = bool(body.get("echo"))
     model = body.get("model")
     base = build_request(
         GenerateRequest,
@@ -344,38 +375,62 @@ async def completions(request: Request) -> Response:
         format=_format(body),
         **completion_fields(body),
     )
-    offsets = Offsets(n, len(prompt) if echo else 0)  # where each choice's generated text starts
+    requests = [base.model_copy(update={"options": _seeded(options, index)}) for index in range(n)]
+    return NativeCall("generate", requests, CompletionCollector(base, n, model, echo=bool(body.get("echo"))))
 
-    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
-        return manager.generate(
-            base.model_copy(update={"options": _seeded(options, index)}), priority=priority, timeout=timeout
-        )
 
-    chunks = await _stream(request, make, n, None)
-    head = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": "ember",
-    }
-    if not body.get("stream"):
-        texts, finals = [prompt if echo else ""] * n, [None] * n
-        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        async for index, chunk in chunks:
-            texts[index] += chunk.response
-            logprobs[index] += entries_of(chunk)
-            if chunk.done:
-                finals[index] = chunk
+class CompletionCollector:
+    """Collects the chunks of n raw completions into one text_completion body."""
+
+    def __init__(self, base: GenerateRequest, n: int, model: Any, *, echo: bool) -> None:
+        self.with_logprobs, self.prompt, self.echo = base.logprobs, base.prompt, echo
+        self.offsets = Offsets(n, len(base.prompt) if echo else 0)  # where each choice's generated text starts
+        self.head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "ember",
+        }
+        self.texts, self.finals = [base.prompt if echo else ""] * n, [None] * n
+        self.logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+
+    def add(self, index: int, chunk: Any) -> None:
+        self.texts[index] += chunk.response
+        self.logprobs[index] += entries_of(chunk)
+        if chunk.done:
+            self.finals[index] = chunk
+
+    def body(self) -> dict[str, Any]:
         choices = [
             {
                 "index": i,
-                "text": texts[i],
-                "logprobs": offsets.shape(i, logprobs[i]) if base.logprobs else None,
-                "finish_reason": _finish_reason(finals[i]),
+                "text": self.texts[i],
+                "logprobs": self.offsets.shape(i, self.logprobs[i]) if self.with_logprobs else None,
+                "finish_reason": _finish_reason(self.finals[i]),
             }
-            for i in range(n)
+            for i in range(len(self.texts))
         ]
-        return _collected(head, "text_completion", choices, finals)
+        return _collected(self.head, "text_completion", choices, self.finals)
+
+
+@router.post("/v1/completions", openapi_extra=schemas.OPENAI_COMPLETION)
+async def completions(request: Request) -> Response:
+    body = await read_json(request)
+    call = completion_call(body, request.app.state.settings)
+    base, n = call.requests[0], len(call.requests)
+    collector = call.collector
+    assert isinstance(collector, CompletionCollector)
+    prompt, echo, offsets = base.prompt, collector.echo, collector.offsets
+
+    def make(manager: Any, index: int, priority: Any, timeout: Any) -> AsyncIterator[Any]:
+        return manager.generate(call.requests[index], priority=priority, timeout=timeout)
+
+    chunks = await _stream(request, make, n, None)
+    head = collector.head
+    if not body.get("stream"):
+        async for index, chunk in chunks:
+            collector.add(index, chunk)
+        return JSONResponse(collector.body())
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[bytes]:

@@ -6,6 +6,7 @@ keep_alive afterwards. A model whose load options differ from the loaded one is 
 one is idle; sampling options never cause a reload. A new model that does not fit the memory budget, or
 would pass the maximum number of loaded models, first evicts the least recently used idle model. A load
 that fails for lack of memory is retried down a ladder (fewer GPU layers, CPU only, smaller num_ctx).
+Requests made with `batch=True` (lines of batch jobs) hold at most `batch_slots` of a model's slots at once.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class ModelManager:
         budget: Callable[[], int] = memory_budget,
         devices: Callable[[], Sequence[GpuDevice]] = gpu_devices,
         resolve: Callable[[str], ModelSource] = resolve_model,
+        batch_slots: int | None = None,
     ) -> None:
         self.runner_factory = runner_factory
         self.default_options = dict(default_options or {})
@@ -158,6 +160,7 @@ class ModelManager:
         self.budget = budget
         self.devices = devices
         self.resolve = resolve
+        self.batch_slots = batch_slots  # None: all of a model's slots but one
         self.entries: dict[str, LoadedModelEntry] = {}
         self._lock = asyncio.Lock()
         self._idle = asyncio.Condition()
@@ -165,26 +168,41 @@ class ModelManager:
     # --- requests ------------------------------------------------------------------------------------
 
     async def generate(
-        self, request: GenerateRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: GenerateRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[GenerateResponse]:
         """Stream the answer; a request with an empty prompt only loads (or, with keep_alive 0, unloads)."""
         if not request.prompt and not request.context:
             yield await self._load_only(request, GenerateResponse)
             return
-        async for chunk in self._serve(request, lambda runner: runner.generate(request), priority, timeout):
+        async for chunk in self._serve(request, lambda runner: runner.generate(request), priority, timeout, batch):
             yield chunk
 
     async def chat(
-        self, request: ChatRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: ChatRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[ChatResponse]:
         if not request.messages:
             yield await self._load_only(request, ChatResponse)
             return
-        async for chunk in self._serve(request, lambda runner: runner.chat(request), priority, timeout):
+        async for chunk in self._serve(request, lambda runner: runner.chat(request), priority, timeout, batch):
             yield chunk
 
     async def embed(
-        self, request: EmbedRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: EmbedRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> EmbedResponse:
         """Embeddings of the request's inputs, queued like any request for the model (one slot while it runs);
         no inputs only loads the model (or, with keep_alive 0, unloads it)."""
@@ -197,7 +215,7 @@ class ModelManager:
         async def once(runner: Runner) -> AsyncIterator[EmbedResponse]:
             yield await runner.embed(request)
 
-        results = [result async for result in self._serve(request, once, priority, timeout)]
+        results = [result async for result in self._serve(request, once, priority, timeout, batch)]
         return results[0]
 
     async def _load_only(self, request: GenerateRequest | ChatRequest | EmbedRequest, kind: type) -> Any:
@@ -233,6 +251,7 @@ class ModelManager:
         start: Callable[[Runner], AsyncIterator[Any]],
         priority: str | int | None,
         timeout: float | None,
+        batch: bool = False,
     ) -> AsyncIterator[Any]:
         keep_alive = parse_keep_alive(request.keep_alive, self.keep_alive)
         level = parse_priority(priority if priority is not None else request.priority)
@@ -243,7 +262,7 @@ class ModelManager:
         self._cancel_expiry(entry)
         try:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            ticket = await entry.queue.acquire(level, timeout=remaining)
+            ticket = await entry.queue.acquire(level, timeout=remaining, batch=batch)
             try:
                 async for chunk in start(entry.runner):
                     yield chunk
@@ -312,7 +331,10 @@ class ModelManager:
                 options=options,
                 runner=runner,
                 queue=RequestQueue(
-                    slots=options.num_parallel, max_queued=self.max_queued, aging_seconds=self.aging_seconds
+                    slots=options.num_parallel,
+                    max_queued=self.max_queued,
+                    aging_seconds=self.aging_seconds,
+                    batch_slots=self.batch_slots,
                 ),
                 estimate=estimate,
                 load_note=note,

@@ -212,7 +212,9 @@ def run_lines_interruptibly(pending: list[Any], executor: Any, concurrency: int,
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
-        print("\nstopping: the lines in flight finish and are kept; rerun the same command to continue", file=sys.stderr)
+        print(
+            "\nstopping: the lines in flight finish and are kept; rerun the same command to continue", file=sys.stderr
+        )
         raise
     if failure:
         raise failure[0]

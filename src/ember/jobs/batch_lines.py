@@ -68,7 +68,8 @@ def failed_line(custom_id: str, error: BaseException) -> dict[str, Any]:
 def unrun_line(custom_id: str, reason: tuple[str, str]) -> dict[str, Any]:
     """The error-file line of a request that never ran (OpenAI's `batch_expired` shape)."""
     code, message = reason
-    return {"id": _new_id("batch_req_"), "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
+    error = {"code": code, "message": message}
+    return {"id": _new_id("batch_req_"), "custom_id": custom_id, "response": None, "error": error}
 
 
 def succeeded(output: dict[str, Any]) -> bool:

@@ -41,9 +41,14 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.manager = manager or create_manager(settings)
+        from ember.api.openai_batches import create_batch_service
+
+        app.state.batches = create_batch_service(app.state.manager, settings)
+        await app.state.batches.start()  # resumes the batches a stopped server left unfinished
         try:
             yield
         finally:
+            await app.state.batches.close()
             await app.state.manager.close()
 
     app = FastAPI(
@@ -56,13 +61,14 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     install_security(app, settings)
     _install_error_handlers(app)
 
-    from ember.api import embeddings, native, ollama, ollama_models, openai
+    from ember.api import embeddings, native, ollama, ollama_models, openai, openai_batches
 
     app.include_router(ollama.router)
     app.include_router(ollama_models.router)
     app.include_router(openai.router)
     app.include_router(native.router)
     app.include_router(embeddings.router)
+    app.include_router(openai_batches.router)
     return app
 
 

@@ -169,10 +169,11 @@ async def run_on_manager(
 ) -> LineResult:
     """Run one line on the server's models at low priority, in the batch class of the queue (EMBER_BATCH_SLOTS).
 
-    A RequestTimeoutError (the completion window ran out while the line waited) is raised, not recorded: the
-    caller ends the batch as expired. Any other failure is the line's error.
+    A RequestTimeoutError (the completion window ran out while the line waited) and a ServerBusyError (the
+    queue is full of other requests) are raised, not recorded: the caller ends the batch as expired, or waits and
+    runs the line again. Any other failure is the line's error.
     """
-    from ember.errors import RequestTimeoutError
+    from ember.errors import RequestTimeoutError, ServerBusyError
 
     started = time.perf_counter()
     try:
@@ -186,7 +187,7 @@ async def run_on_manager(
             async for chunk in start(request, priority="low", timeout=timeout, batch=True):
                 call.collector.add(index, chunk)
         output = response_line(line.custom_id, 200, call.collector.body())
-    except RequestTimeoutError:
+    except (RequestTimeoutError, ServerBusyError):
         raise
     except Exception as error:
         output = failed_line(line.custom_id, error)

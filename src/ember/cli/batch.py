@@ -152,6 +152,8 @@ def batch(
     pending = journal.pending(lines, retry_failed=retry_failed)
     executor, concurrency = _executor(server, ray_address, ray_actors, load, slots, settings)
     try:
+        if ray_address and pending:
+            executor.start(pending)
         with BatchProgress(len(lines), journal, pending) as progress:
 
             def on_result(result: Any) -> None:

@@ -46,11 +46,15 @@ def test_every_bad_openai_line_is_reported_with_its_number() -> None:
 def test_prompt_inputs_become_chat_bodies_with_the_options(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("First prompt\n\nSecond prompt\n")
     (tmp_path / "b.jsonl").write_text(
-        json.dumps({"prompt": "Third", "temperature": 0.5, "options": {"top_k": 5}}) + "\n" + json.dumps("Fourth") + "\n"
+        json.dumps({"prompt": "Third", "temperature": 0.5, "options": {"top_k": 5}})
+        + "\n"
+        + json.dumps("Fourth")
+        + "\n"
     )
     (tmp_path / "c.csv").write_text('prompt,num_predict,custom_id\n"Fifth, with a comma",3,five\n')
     lines = read_inputs([str(tmp_path)], DEFAULTS, per_line=True)
-    assert [line.prompt for line in lines] == ["First prompt", "Second prompt", "Third", "Fourth", "Fifth, with a comma"]
+    expected = ["First prompt", "Second prompt", "Third", "Fourth", "Fifth, with a comma"]
+    assert [line.prompt for line in lines] == expected
     assert [line.custom_id for line in lines][:2] == ["a.txt:1", "a.txt:3"] and lines[4].custom_id == "five"
     first = lines[0].body
     assert first["messages"] == [

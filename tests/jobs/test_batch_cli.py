@@ -97,6 +97,7 @@ def test_a_journal_from_other_options_is_refused_until_restart(tmp_path, capsys)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_killed_with_sigkill_and_rerun_finishes_each_line_exactly_once(tmp_path) -> None:
     prompts = tmp_path / "forty.txt"
     prompts.write_text("".join(f"Write a sentence about the number {i}.\n" for i in range(40)))

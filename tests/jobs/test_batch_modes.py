@@ -24,8 +24,10 @@ def answers(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def ray_cluster():
+def ray_cluster(monkeypatch):
     """A Ray head on 127.0.0.1 and a second worker node, each with one CPU; only its own processes are stopped."""
+    # Keep Ray on the loopback address (on Linux it would advertise the machine's network address); read at import.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cluster_utils = pytest.importorskip("ray.cluster_utils", reason="ray is installed by scripts/setup (ember[ray])")
     import ray
 

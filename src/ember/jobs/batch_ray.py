@@ -30,7 +30,14 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 1024 * 1024
 
 
-def _ray() -> Any:
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _ray(address: str) -> Any:
+    if address.rsplit(":", 1)[0] in _LOOPBACK:
+        # A cluster bound to the loopback address: Ray (on Linux) would replace 127.0.0.1 by this machine's network
+        # address before connecting, and wait for a GCS that does not listen there. Ray reads this at import.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -107,7 +114,7 @@ class RayExecutor:
     ) -> None:
         from ember.config import Settings
 
-        self.ray = ray = _ray()
+        self.ray = ray = _ray(address)
         self.translate, self.load, self.ship, self.model_name = translate, dict(load), ship, model
         self.wanted_actors = actors
         self.settings = Settings()

@@ -23,7 +23,7 @@ import re
 import time
 from typing import Any
 
-from ember.errors import InvalidRequestError, RequestTimeoutError, ServerBusyError
+from ember.errors import EmberError, InvalidRequestError, RequestTimeoutError, ServerBusyError
 from ember.jobs.batch_db import JobsDatabase
 from ember.jobs.batch_input import BatchInputError, BatchLine, decode_text, parse_openai_jsonl
 from ember.jobs.batch_lines import CANCELLED, EXPIRED, Translate, run_on_manager, unrun_line
@@ -184,7 +184,7 @@ class BatchService:
             if status in ("validating", "in_progress", "cancelling", "finalizing"):
                 try:
                     lines = await asyncio.to_thread(self._validated_lines, batch)
-                except (BatchInputError, InvalidRequestError) as error:
+                except EmberError as error:  # a bad line, or the input file was deleted meanwhile
                     await self._fail(batch_id, error)
                     return
             if status == "validating":

@@ -12,6 +12,7 @@ again after a crash or Ctrl-C continues where it stopped; --retry-failed runs th
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -196,27 +197,36 @@ def _executor(
 
 
 def run_lines_interruptibly(pending: list[Any], executor: Any, concurrency: int, on_result: Any) -> None:
-    """Run the lines; on Ctrl-C stop starting new ones, let those in flight finish (they are journaled)."""
+    """Run the lines; on Ctrl-C start no new one and let those in flight finish (they are journaled), so the
+    model is never closed under a running line; a second Ctrl-C quits at once."""
     from ember.jobs.batch_run import run_lines
 
     failure: list[BaseException] = []
+    stop, finished = threading.Event(), threading.Event()
 
     def drive() -> None:
         try:
-            run_lines(pending, executor, concurrency=concurrency, on_result=on_result)
+            run_lines(pending, executor, concurrency=concurrency, on_result=on_result, stop=stop)
         except BaseException as error:
             failure.append(error)
+        finally:
+            finished.set()
 
-    # The driver runs in a thread so the main thread stays free for Ctrl-C.
-    thread = threading.Thread(target=drive, name="ember-batch-driver", daemon=True)
-    thread.start()
+    # The driver runs in a thread so the main thread stays free for Ctrl-C. It waits on an Event, not on
+    # Thread.join: a join interrupted by Ctrl-C marks the thread as stopped although it still runs.
+    threading.Thread(target=drive, name="ember-batch-driver", daemon=True).start()
     try:
-        while thread.is_alive():
-            thread.join(0.2)
+        while not finished.wait(0.2):
+            pass
     except KeyboardInterrupt:
-        print(
-            "\nstopping: the lines in flight finish and are kept; rerun the same command to continue", file=sys.stderr
-        )
+        stop.set()
+        print("\nstopping: the lines in flight finish and are kept (Ctrl-C again to quit now)", file=sys.stderr)
+        try:
+            while not finished.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            os._exit(130)  # the journal holds every line finished so far
+        print("rerun the same command to continue", file=sys.stderr)
         raise
     if failure:
         raise failure[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -30,17 +31,25 @@ _BUSY_RETRIES = 120  # a 503 from a busy server is retried after its Retry-After
 
 
 def run_lines(
-    pending: list[BatchLine], execute: Execute, *, concurrency: int, on_result: Callable[[LineResult], None]
+    pending: list[BatchLine],
+    execute: Execute,
+    *,
+    concurrency: int,
+    on_result: Callable[[LineResult], None],
+    stop: threading.Event | None = None,
 ) -> None:
     """Run every pending line; `on_result` (journal, progress) is called in the worker thread as each ends.
 
     Results are recorded by the threads themselves, so a line that finishes while the run is being stopped
-    (Ctrl-C waits for the lines in flight) is still journaled. An exception from `execute` (a server that went
-    away) stops the run: lines not started are dropped, and the error is raised once the others have ended.
+    (`stop` set: no new line starts, those in flight finish) is still journaled. An exception from `execute` (a
+    server that went away) stops the run: lines not started are dropped, and the error is raised once the
+    others have ended.
     """
+    stop = stop or threading.Event()
 
     def work(line: BatchLine) -> None:
-        on_result(execute(line))
+        if not stop.is_set():
+            on_result(execute(line))
 
     pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="ember-batch")
     futures = [pool.submit(work, line) for line in pending]

@@ -1,5 +1,6 @@
 """The same 20 prompts (temperature 0) in this process, through a server, and on a local Ray cluster with two
-worker nodes give identical answers."""
+worker nodes give identical answers. The Ray run ships the model through the object store (--ray-ship), so the
+answers also prove the copy each node wrote is the model."""
 
 from __future__ import annotations
 
@@ -53,7 +54,12 @@ def test_in_process_server_and_ray_give_identical_outputs(tmp_path, monkeypatch,
     with running_server(home=tmp_path / "server-home", num_parallel=2) as base:
         monkeypatch.setenv("EMBER_HOST", base.removeprefix("http://"))
         assert main(["batch", str(prompts), "-o", str(served), *OPTIONS, "--server"]) == 0
-    assert main(["batch", str(prompts), "-o", str(spread), *OPTIONS, "-t", "1", "--ray", ray_cluster.address]) == 0
+    assert (
+        main(
+            ["batch", str(prompts), "-o", str(spread), *OPTIONS, "-t", "1", "--ray", ray_cluster.address, "--ray-ship"]
+        )
+        == 0
+    )
     expected = answers(local)
     assert len(expected) == 20 and all(text.strip() for text in expected.values())
     assert answers(served) == expected

@@ -77,6 +77,14 @@ def batch(
         int | None,
         typer.Option("--ray-actors", min=1, help="Actors (default: one per node).", rich_help_panel=_WHERE),
     ] = None,
+    ray_ship: Annotated[
+        bool,
+        typer.Option(
+            "--ray-ship",
+            help="Send the model through Ray's object store even to nodes that see its path.",
+            rich_help_panel=_WHERE,
+        ),
+    ] = False,
     parallel: Annotated[
         int | None,
         typer.Option("-np", "--parallel", min=1, help="Lines in flight (slots per model).", rich_help_panel=_WHERE),
@@ -151,7 +159,7 @@ def batch(
     lines = read_inputs(inputs, defaults, per_line=per_line)
     journal = Journal(journal_path(output, output_format, fingerprint(lines), settings.home), lines, restart=restart)
     pending = journal.pending(lines, retry_failed=retry_failed)
-    executor, concurrency = _executor(server, ray_address, ray_actors, load, slots, settings)
+    executor, concurrency = _executor(server, ray_address, ray_actors, ray_ship, load, slots, settings)
     try:
         if ray_address and pending:
             executor.start(pending)
@@ -179,7 +187,13 @@ def batch(
 
 
 def _executor(
-    server: bool, ray_address: str | None, ray_actors: int | None, load: dict[str, Any], slots: int, settings: Any
+    server: bool,
+    ray_address: str | None,
+    ray_actors: int | None,
+    ray_ship: bool,
+    load: dict[str, Any],
+    slots: int,
+    settings: Any,
 ) -> tuple[Any, int]:
     from ember.api.openai_calls import native_call
     from ember.jobs.batch_run import LocalExecutor, ServerExecutor
@@ -191,7 +205,7 @@ def _executor(
     if ray_address:
         from ember.jobs.batch_ray import RayExecutor
 
-        executor = RayExecutor(ray_address, native_call, load, actors=ray_actors)
+        executor = RayExecutor(ray_address, native_call, load, actors=ray_actors, ship=ray_ship)
         return executor, executor.concurrency
     return LocalExecutor(native_call, settings, load), slots
 

@@ -29,14 +29,20 @@ def ray_cluster(monkeypatch):
     """A Ray head on 127.0.0.1 and a second worker node, each with one CPU; only its own processes are stopped."""
     # Keep Ray on the loopback address (on Linux it would advertise the machine's network address); read at import.
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    cluster_utils = pytest.importorskip("ray.cluster_utils", reason="ray is installed by scripts/setup (ember[ray])")
-    import ray
+    import ray  # installed by scripts/setup (the ember[ray] extra)
+    from ray import cluster_utils
 
-    cluster = cluster_utils.Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    )
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
+    for attempt in range(3):  # Ray gives a node 30 s to start; a very busy machine may need a second try
+        cluster = cluster_utils.Cluster()
+        try:
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False)  # the head
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+            cluster.wait_for_nodes()
+            break
+        except Exception:
+            cluster.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield cluster
     finally:

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         description="How /v1/embeddings reads token-id inputs: a tiktoken encoding (cl100k_base: what OpenAI "
         "clients such as LangChain's OpenAIEmbeddings send), or `model` for the model's own token ids.",
     )
+    batch_slots: int | None = Field(
+        None, ge=1, description="Most of a model's slots batch lines may hold at once (default: all but one)."
+    )
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, description="Largest file accepted by POST /v1/files (batch input)."
+    )
 
     @property
     def host_and_port(self) -> tuple[str, int]:

@@ -37,6 +37,7 @@ def create_manager(settings: Settings) -> ModelManager:
         max_loaded=settings.max_loaded_models,
         max_queued=settings.max_queue,
         limits=Limits.from_settings(settings),
+        batch_slots=settings.batch_slots,
     )
 
 
@@ -46,9 +47,14 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.manager = manager or create_manager(settings)
+        from ember.api.openai_batches import create_batch_service
+
+        app.state.batches = create_batch_service(app.state.manager, settings)
+        await app.state.batches.start()  # resumes the batches a stopped server left unfinished
         try:
             yield
         finally:
+            await app.state.batches.close()
             await app.state.manager.close()
 
     app = FastAPI(
@@ -61,7 +67,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     install_security(app, settings)
     _install_error_handlers(app)
 
-    from ember.api import anthropic, embeddings, native, ollama, ollama_models, openai
+    from ember.api import anthropic, embeddings, native, ollama, ollama_models, openai, openai_batches
 
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
@@ -69,6 +75,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     app.include_router(openai.router)
     app.include_router(native.router)
     app.include_router(embeddings.router)
+    app.include_router(openai_batches.router)
     return app
 
 

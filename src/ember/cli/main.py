@@ -12,6 +12,7 @@ import sys
 import typer
 
 from ember import __version__
+from ember.cli import batch as batch_command
 from ember.cli import bench as bench_command
 from ember.cli import models as model_commands
 from ember.cli import run as run_command
@@ -48,6 +49,7 @@ run_command.register(app)
 model_commands.register(app)
 serving_commands.register(app)
 bench_command.register(app)
+batch_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Durable work: batch files and batches (OpenAI's Files and Batches APIs, `ember batch`, Ray fan-out)."""

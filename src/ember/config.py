@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     max_num_predict: int = Field(32768, ge=1, description="Cap on num_predict / max_tokens per request.")
     max_num_ctx: int = Field(131072, ge=256, description="Cap on num_ctx per request.")
     max_n: int = Field(8, ge=1, description="Cap on n (completions per request) in the OpenAI API.")
+    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ broker of `ember worker`.")
+    amqp_queue: str = Field("requests", description="Queue `ember worker` answers requests from.")
+    amqp_results_queue: str = Field(
+        "responses", description="Queue for answers to messages without reply_to (`ember worker`)."
+    )
+    worker_max_attempts: int = Field(
+        3, ge=1, le=100, description="Deliveries of one request before `ember worker` dead-letters it."
+    )
+    schedules: bool = Field(True, description="Run the stored schedules (`ember schedule`) inside `ember serve`.")
 
     @property
     def host_and_port(self) -> tuple[str, int]:

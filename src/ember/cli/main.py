@@ -16,6 +16,7 @@ from ember.cli import bench as bench_command
 from ember.cli import models as model_commands
 from ember.cli import run as run_command
 from ember.cli import serving as serving_commands
+from ember.cli import worker as worker_command
 from ember.config import settings
 from ember.errors import EmberError
 
@@ -48,6 +49,7 @@ run_command.register(app)
 model_commands.register(app)
 serving_commands.register(app)
 bench_command.register(app)
+worker_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Durable work: batch files and batches, scheduled jobs, and the RabbitMQ worker."""

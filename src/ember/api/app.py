@@ -20,6 +20,7 @@ from ember import __version__
 from ember.api.security import install_security
 from ember.config import Settings
 from ember.errors import EmberError, ServerBusyError
+from ember.jobs.schedules import server_scheduler
 from ember.serve.manager import ModelManager, parse_keep_alive
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,13 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.manager = manager or create_manager(settings)
+        app.state.scheduler = server_scheduler(settings.home, app.state.manager)
+        if settings.schedules:
+            await app.state.scheduler.start()
         try:
             yield
         finally:
+            await app.state.scheduler.stop()
             await app.state.manager.close()
 
     app = FastAPI(
@@ -55,13 +60,14 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     install_security(app, settings)
     _install_error_handlers(app)
 
-    from ember.api import embeddings, native, ollama, ollama_models, openai
+    from ember.api import embeddings, native, ollama, ollama_models, openai, schedules
 
     app.include_router(ollama.router)
     app.include_router(ollama_models.router)
     app.include_router(openai.router)
     app.include_router(native.router)
     app.include_router(embeddings.router)
+    app.include_router(schedules.router)
     return app
 
 

@@ -15,6 +15,7 @@ from ember import __version__
 from ember.cli import bench as bench_command
 from ember.cli import models as model_commands
 from ember.cli import run as run_command
+from ember.cli import schedule as schedule_commands
 from ember.cli import serving as serving_commands
 from ember.cli import worker as worker_command
 from ember.config import settings
@@ -50,6 +51,7 @@ model_commands.register(app)
 serving_commands.register(app)
 bench_command.register(app)
 worker_command.register(app)
+schedule_commands.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

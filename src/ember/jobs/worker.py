@@ -30,7 +30,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -42,10 +42,12 @@ from ember.config import Settings
 from ember.errors import EmberError
 from ember.jobs.answering import Answerer, NativeChunk, is_permanent
 from ember.jobs.queued_requests import MAX_AMQP_PRIORITY, MalformedMessageError, QueuedRequest, parse_queued_request
-from ember.jobs.request_ledger import RequestLedger
+from ember.jobs.request_ledger import RequestLedger, RequestState
 from ember.jobs.translation import OpenAIHead, collect, ollama_chunk, openai_chunk, openai_completion
+from ember.types import ChatResponse
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors that say the broker (or the way to it) failed, not the message: its delivery does not count.
 BROKER_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError)
@@ -249,7 +251,9 @@ class _Session:
                 await self._dead_letter(message, None, str(error), attempts=1)
                 await message.ack()
                 return
-            state = await asyncio.to_thread(ledger.begin, queue, item.request_id)
+            state = await self._note(ledger.begin, queue, item.request_id)
+            if state is None:  # no memory of requests now: answering twice beats losing the request
+                state = RequestState("working", 1, None)
             if state.status != "working":
                 log.info("request %s was %s already; acknowledging its redelivery", item.request_id, state.status)
                 await message.ack()
@@ -262,16 +266,16 @@ class _Session:
             try:
                 where = await self._answer(message, item)
             except asyncio.CancelledError:
-                await asyncio.shield(asyncio.to_thread(ledger.release, queue, item.request_id))
+                await asyncio.shield(self._note(ledger.release, queue, item.request_id))
                 raise
             except BROKER_ERRORS:
                 if self.channel.is_closed:  # the broker went away: not the message's fault
-                    await asyncio.to_thread(ledger.release, queue, item.request_id)
+                    await self._note(ledger.release, queue, item.request_id)
                 raise
             except Exception as error:
                 await self._failed(message, item, error, state.deliveries)
                 return
-            await asyncio.to_thread(ledger.answered, queue, item.request_id, where)
+            await self._note(ledger.answered, queue, item.request_id, where)
             await message.ack()
             self.worker.answered += 1
             await self._follow_slots(item)
@@ -281,6 +285,19 @@ class _Session:
             if not self.channel.is_closed:
                 with contextlib.suppress(*BROKER_ERRORS):
                     await message.nack(requeue=True)
+        except Exception as error:  # a bug: keep the message (in the dead-letter queue), say what happened
+            log.exception("unexpected error while handling a message")
+            with contextlib.suppress(Exception):
+                await self._dead_letter(message, None, f"internal error: {type(error).__name__}: {error}", attempts=1)
+                await message.ack()
+
+    async def _note(self, call: Callable[..., T], *args: Any) -> T | None:
+        """A ledger call in a thread; a database that fails is logged, and the message goes on being handled."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except EmberError as error:
+            log.error("the request ledger failed (%s); a redelivery may be answered again", error)
+            return None
 
     async def _answer(self, message: AbstractIncomingMessage, item: QueuedRequest) -> str:
         """Answer, publishing chunks as they come when asked; returns the queue the answer went to."""
@@ -309,8 +326,9 @@ class _Session:
     ) -> AsyncIterator[NativeChunk]:
         index = 0
         async for chunk in chunks:
-            if not chunk.done:
-                shaped = openai_chunk(chunk, head, bool(item.request.logprobs)) if head else ollama_chunk(chunk)
+            if not chunk.done or _carries_text(chunk):  # the last text may come with the timings: a chunk too
+                piece = chunk.model_copy(update={"done": False, "done_reason": None}) if chunk.done else chunk
+                shaped = openai_chunk(piece, head, bool(item.request.logprobs)) if head else ollama_chunk(piece)
                 payload = {"request_id": item.request_id, "index": index, **shaped}
                 # Published without waiting for each confirm (they are awaited before the answer), in order.
                 pending.append(asyncio.ensure_future(self._publish_chunk(message, payload)))
@@ -350,7 +368,7 @@ class _Session:
             await self._give_up(message, item, text, tries)
             return
         log.warning("request %s failed (attempt %d of %d): %s", item.request_id, tries, self.config.max_attempts, text)
-        await asyncio.to_thread(self.worker.ledger.failed, self.queue, item.request_id, text)
+        await self._note(self.worker.ledger.failed, self.queue, item.request_id, text)
         await asyncio.sleep(min(self.config.retry_delay_max, 0.5 * 2 ** (tries - 1)))
         again = aio_pika.Message(
             body=message.body,
@@ -369,7 +387,7 @@ class _Session:
     async def _give_up(self, message: AbstractIncomingMessage, item: QueuedRequest, error: str, tries: int) -> None:
         log.warning("dead-lettering request %s: %s", item.request_id, error)
         await self._dead_letter(message, item.request_id, error, attempts=tries)
-        await asyncio.to_thread(self.worker.ledger.dead, self.queue, item.request_id, error, self.config.dead_letters)
+        await self._note(self.worker.ledger.dead, self.queue, item.request_id, error, self.config.dead_letters)
         await message.ack()
 
     async def _dead_letter(
@@ -406,6 +424,12 @@ class _Session:
             self.prefetch = slots
             await self.channel.set_qos(prefetch_count=slots)
             log.info("prefetch now %d, the slots of %s", slots, item.request.model)
+
+
+def _carries_text(chunk: NativeChunk) -> bool:
+    if isinstance(chunk, ChatResponse):
+        return bool(chunk.message.content or chunk.message.tool_calls)
+    return bool(chunk.response)
 
 
 def _message(payload: dict[str, Any], correlation_id: str | None, *, kind: str, persistent: bool) -> aio_pika.Message:

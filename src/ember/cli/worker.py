@@ -51,12 +51,12 @@ def worker(
     A message is JSON: {request_id, model, prompt | messages, options, format, stream}, or an OpenAI
     chat-completions body. The answer goes to its reply_to (with its correlation_id), else to the results queue.
     """
-    from ember.jobs.worker import WorkerConfig, redact
+    from ember.jobs.worker import WorkerConfig, check_amqp_url, redact
 
     overrides = {"num_parallel": parallel} if parallel is not None else {}
     settings = Settings(**overrides)
     config = WorkerConfig(
-        amqp_url=amqp or settings.amqp_url,
+        amqp_url=check_amqp_url(amqp or settings.amqp_url),
         queue=queue or settings.amqp_queue,
         results_queue=results or settings.amqp_results_queue,
         dead_letter_queue=dead_letter,
@@ -70,7 +70,11 @@ def worker(
     print(
         f"ember worker: answering queue {config.queue!r} on {redact(config.amqp_url)} with {through}", file=sys.stderr
     )
-    logging.getLogger("ember.jobs").setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
+    level = logging.getLogger().getEffectiveLevel()
+    logging.getLogger("ember.jobs").setLevel(min(logging.INFO, level))
+    if level > logging.DEBUG:  # the worker says itself, once, why the broker cannot be reached
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     asyncio.run(_run(config, settings, server))
 
 

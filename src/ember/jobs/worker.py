@@ -63,6 +63,20 @@ def redact(url: str) -> str:
     return str(parsed.with_password("***")) if parsed.password else url
 
 
+def check_amqp_url(url: str) -> str:
+    """The broker URL, or WorkerError saying what a valid one looks like."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("amqp", "amqps") or not parsed.host:
+        raise WorkerError(
+            f"invalid broker URL {redact(url)!r}: use amqp://USER:PASSWORD@HOST:PORT/VHOST, such as "
+            "amqp://guest:guest@127.0.0.1:5672/"
+        )
+    return url
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     amqp_url: str
@@ -95,6 +109,7 @@ class Worker:
         *,
         connect: Callable[..., Awaitable[AbstractConnection]] = aio_pika.connect,
     ) -> None:
+        check_amqp_url(config.amqp_url)
         self.config = config
         self.answerer = answerer
         self.ledger = ledger

@@ -72,7 +72,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_a_second_one_answers_each_r
     rabbitmq: Broker, queue_name: str, start_worker: Any, tmp_path: Path
 ) -> None:
     results = f"{queue_name}.results"
-    count = 30
+    count = 20
 
     async def scenario() -> list[Any]:
         client = await Client.connect(rabbitmq.url)
@@ -279,7 +279,9 @@ def test_streamed_answers_openai_bodies_and_a_vanished_reply_to(
     rabbitmq: Broker, queue_name: str, start_worker: Any
 ) -> None:
     worker = start_worker()
-    chat = {"messages": [{"role": "user", "content": "Say hello."}], "options": OPTIONS, "stream": True}
+    # Sampling options only, as an OpenAI body has: all four requests share one loaded model, no reload.
+    sampling = {"num_predict": 6, "temperature": 0, "repeat_penalty": 1.0}
+    chat = {"messages": [{"role": "user", "content": "Say hello."}], "options": sampling, "stream": True}
     openai = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 6}
     openai |= {"temperature": 0, "repeat_penalty": 1.0}
 
@@ -293,7 +295,8 @@ def test_streamed_answers_openai_bodies_and_a_vanished_reply_to(
             await client.publish(
                 queue_name, openai | {"stream": True}, message_id="o2", correlation_id="o2", reply_to=replies.name
             )
-            await client.publish(queue_name, _request(3), correlation_id="gone", reply_to="nobody-listens-here")
+            gone = _request(3, options=sampling)
+            await client.publish(queue_name, gone, correlation_id="gone", reply_to="nobody-listens-here")
             received = await client.answers(replies.name, {"s1", "o1", "o2"}, timeout=300)
             rerouted = await client.messages(f"{queue_name}.results", 1, timeout=120)
             return received, rerouted
@@ -320,3 +323,28 @@ def test_streamed_answers_openai_bodies_and_a_vanished_reply_to(
 
     assert len(rerouted) == 1 and rerouted[0].correlation_id == "gone"
     assert answer_body(rerouted[0])["reply_to"] == "nobody-listens-here"
+
+
+def test_answers_through_a_running_server(rabbitmq: Broker, queue_name: str, start_worker: Any) -> None:
+    from tests.server import running_server
+
+    with running_server() as url:
+        worker = start_worker("--server", url)
+
+        async def scenario() -> list[Any]:
+            client = await Client.connect(rabbitmq.url)
+            try:
+                await client.wait_for_consumer(queue_name, worker)
+                replies = await client.channel.declare_queue(exclusive=True)
+                chat = {"request_id": "c", "messages": [{"role": "user", "content": "Hi"}], "options": OPTIONS}
+                await client.publish(queue_name, chat | {"stream": True}, correlation_id="c", reply_to=replies.name)
+                await client.publish(queue_name, _request(1), correlation_id="g", reply_to=replies.name)
+                return await client.answers(replies.name, {"c", "g"}, timeout=300)
+            finally:
+                await client.close()
+
+        received = asyncio.run(scenario())
+    finals = {m.correlation_id: answer_body(m) for m in received if m.type == "answer"}
+    chunks = [answer_body(m) for m in received if m.type == "chunk"]
+    assert finals["g"]["response"] and finals["g"]["eval_count"] > 0
+    assert "".join(c["message"]["content"] for c in chunks) == finals["c"]["message"]["content"] != ""

@@ -126,6 +126,7 @@ class Worker:
         await asyncio.to_thread(self.ledger.prune)
         failures = 0
         while not self._stopping.is_set():
+            problem: str | None = None
             try:
                 connection = await self._connect(self.config.amqp_url, timeout=self.config.connect_timeout)
             except (aiormq.exceptions.ProbableAuthenticationError, aiormq.exceptions.AuthenticationError) as error:
@@ -134,25 +135,24 @@ class Worker:
                     "and password in --amqp / EMBER_AMQP_URL"
                 ) from None
             except (*BROKER_ERRORS, OSError, TimeoutError) as error:
-                delay = min(self.config.backoff_max, self.config.backoff_initial * 2**failures)
-                delay *= random.uniform(0.8, 1.2)  # several workers must not come back in lockstep
-                failures += 1
-                log.warning(
-                    "cannot reach the broker at %s (%s); trying again in %.1f s",
-                    redact(self.config.amqp_url),
-                    error or type(error).__name__,
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                continue
-            failures = 0
-            self.connections += 1
-            try:
-                await self._serve(connection)
-            finally:
-                with contextlib.suppress(Exception):
-                    await connection.close()
+                problem = f"cannot reach the broker at {redact(self.config.amqp_url)} ({error or type(error).__name__})"
+            else:
+                self.connections += 1
+                try:
+                    consumed = await self._serve(connection)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                if consumed:  # it worked for a while: the next try comes at once
+                    failures = 0
+                    continue
+                problem = "the broker went away while the worker set up its queues"
+            delay = min(self.config.backoff_max, self.config.backoff_initial * 2**failures)
+            delay *= random.uniform(0.8, 1.2)  # several workers must not come back in lockstep
+            failures += 1
+            log.warning("%s; trying again in %.1f s", problem, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
         log.info("worker stopped after %d answers", self.answered)
 
     def stop(self) -> None:
@@ -167,7 +167,8 @@ class Worker:
 
     # --- one connection ------------------------------------------------------------------------------
 
-    async def _serve(self, connection: AbstractConnection) -> None:
+    async def _serve(self, connection: AbstractConnection) -> bool:
+        """Consume on one connection until it is lost or the worker stops; False if it never got to consume."""
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         try:
@@ -179,8 +180,8 @@ class Worker:
             session = _Session(self, channel, queue.name, max(1, prefetch))
             consumer_tag = await queue.consume(session.on_message, no_ack=False)
         except BROKER_ERRORS as error:
-            log.warning("lost the broker while setting up (%s); reconnecting", error or type(error).__name__)
-            return
+            log.warning("lost the broker while setting up (%s)", error or type(error).__name__)
+            return False
         log.info("answering queue %r on %s (prefetch %d)", queue.name, redact(self.config.amqp_url), prefetch)
         stopping = asyncio.ensure_future(self._stopping.wait())
         gone = asyncio.ensure_future(lost.wait())
@@ -190,7 +191,7 @@ class Worker:
             gone.cancel()
             log.warning("the broker connection was lost; answers in progress are dropped and will be redelivered")
             await self._drop_in_hand()
-            return
+            return True
         with contextlib.suppress(*BROKER_ERRORS):
             await queue.cancel(consumer_tag)  # no new deliveries; finish those in hand
         if self._in_hand:
@@ -199,6 +200,7 @@ class Worker:
             await asyncio.wait({drained, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         await self._drop_in_hand()
+        return True
 
     async def _drop_in_hand(self) -> None:
         tasks = list(self._in_hand)

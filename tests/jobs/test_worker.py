@@ -348,3 +348,21 @@ def test_answers_through_a_running_server(rabbitmq: Broker, queue_name: str, sta
     chunks = [answer_body(m) for m in received if m.type == "chunk"]
     assert finals["g"]["response"] and finals["g"]["eval_count"] > 0
     assert "".join(c["message"]["content"] for c in chunks) == finals["c"]["message"]["content"] != ""
+
+
+def test_a_queue_declared_by_hand_without_priorities_is_used_as_it_is(
+    rabbitmq: Broker, queue_name: str, start_worker: Any
+) -> None:
+    async def scenario() -> list[Any]:
+        client = await Client.connect(rabbitmq.url)
+        try:
+            await client.channel.declare_queue(queue_name, durable=True)  # as the guide's pika code declares it
+            await client.channel.declare_queue(f"{queue_name}.results", durable=True)
+            await client.publish(queue_name, _request(1))
+            start_worker()
+            return await client.messages(f"{queue_name}.results", 1, timeout=300)
+        finally:
+            await client.close()
+
+    [answer] = asyncio.run(scenario())
+    assert answer_body(answer)["request_id"] == "r1"

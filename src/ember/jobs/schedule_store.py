@@ -142,6 +142,13 @@ class ScheduleSpec(BaseModel):
         resolve_options(value)  # unknown names and bad values are refused now, not at 18:00
         return value
 
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and value not in ("", "json"):
+            raise ValueError(f'format must be "json" or a JSON schema object, not {value!r}')
+        return value or None
+
     @field_validator("output")
     @classmethod
     def _output(cls, value: str | None) -> str | None:

@@ -65,7 +65,7 @@ def chat_request_from_openai(body: Mapping[str, Any], settings: Settings) -> Cha
 
 async def collect(chunks: AsyncIterator[ChatResponse | GenerateResponse], chat: bool) -> dict[str, Any]:
     """The whole answer of a native stream, as the Ollama API returns it with stream false."""
-    return await (collect_chat(chunks) if chat else collect_generate(chunks))  # type: ignore[arg-type]
+    return await (collect_chat(chunks) if chat else collect_generate(chunks))
 
 
 def ollama_chunk(chunk: ChatResponse | GenerateResponse) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
@@ -172,9 +172,9 @@ class Worker:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         try:
-            channel = await connection.channel(publisher_confirms=True)
+            channel = await self._declare(connection)
+            queue = await channel.declare_queue(self.config.queue, passive=True)
             channel.close_callbacks.add(lambda *_: lost.set())
-            channel, queue = await self._declare(connection, channel)
             prefetch = self.config.prefetch or await self.answerer.slots(self.config.default_model)
             await channel.set_qos(prefetch_count=max(1, prefetch))
             session = _Session(self, channel, queue.name, max(1, prefetch))
@@ -208,27 +208,29 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _declare(self, connection: AbstractConnection, channel: AbstractChannel) -> tuple[Any, AbstractQueue]:
-        """Declare the request queue (durable, priorities), the dead-letter queue and the results queue.
+    async def _declare(self, connection: AbstractConnection) -> AbstractChannel:
+        """Declare the request queue (durable, priorities), the dead-letter queue and the results queue; returns
+        an open channel with publisher confirms.
 
         A queue that exists already with other arguments (one declared by hand without x-max-priority, say) is
-        used as it is, with a warning, rather than refused."""
+        used as it is, with a warning, rather than refused: the broker closes the channel that asked, so the
+        next declaration gets a new one."""
         wanted = [
             (self.config.queue, {"x-max-priority": MAX_AMQP_PRIORITY}),
             (self.config.dead_letters, None),
             (self.config.results_queue, None),
         ]
-        declared: list[AbstractQueue] = []
+        channel = await connection.channel(publisher_confirms=True)
         for name, arguments in wanted:
             try:
-                declared.append(await channel.declare_queue(name, durable=True, arguments=arguments))
+                await channel.declare_queue(name, durable=True, arguments=arguments)
             except aiormq.exceptions.ChannelPreconditionFailed as error:
                 log.warning("queue %r exists with other settings (%s); using it as it is", name, error)
                 channel = await connection.channel(publisher_confirms=True)
-                declared.append(await channel.declare_queue(name, passive=True))
+                await channel.declare_queue(name, passive=True)
             except aiormq.exceptions.ChannelAccessRefused as error:
                 raise WorkerError(f"the broker refused access to queue {name!r}: {error}") from None
-        return channel, declared[0]
+        return channel
 
     # --- messages ------------------------------------------------------------------------------------
 

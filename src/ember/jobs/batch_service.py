@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from ember.errors import EmberError, InvalidRequestError, RequestTimeoutError, ServerBusyError
-from ember.jobs.batch_db import JobsDatabase
+from ember.jobs.batch_db import batch_database
 from ember.jobs.batch_input import SUPPORTED_URLS, BatchInputError, BatchLine, decode_text, parse_openai_jsonl
 from ember.jobs.batch_lines import CANCELLED, EXPIRED, Translate, run_on_manager, unrun_line
 from ember.jobs.batch_store import BatchStore
@@ -71,7 +71,7 @@ class BatchService:
         self.manager = manager
         self.settings = settings
         self.translate = translate
-        self.database = JobsDatabase(settings.home / "ember.db")
+        self.database = batch_database(settings.home / "ember.db")
         self.files = FileStore(settings.home / "files", self.database)
         self.batches = BatchStore(self.database)
         self.in_flight = settings.num_parallel  # lines started at once; the queue's batch cap decides how many run

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from ember.errors import EmberError, InvalidRequestError
-from ember.jobs.batch_db import JobsDatabase
 from ember.jobs.batch_lines import LineResult, usage_of
+from ember.jobs.database import JobsDatabase
 
 BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
@@ -97,20 +97,14 @@ class BatchStore:
     def update(self, batch_id: str, *, only_from: tuple[str, ...] | None = None, **fields: Any) -> dict[str, Any]:
         """Change fields of a batch in one transaction; with `only_from`, only if its status is one of those
         (else the batch is returned unchanged), so a cancel and a completion racing each other cannot both win."""
-        with self.database.connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                batch = self._load(db, batch_id)
-                if only_from is None or batch["status"] in only_from:
-                    batch.update(fields)
-                    db.execute(
-                        "UPDATE batches SET status = ?, data = ? WHERE id = ?",
-                        (batch["status"], json.dumps(batch), batch_id),
-                    )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.database.transaction() as db:
+            batch = self._load(db, batch_id)
+            if only_from is None or batch["status"] in only_from:
+                batch.update(fields)
+                db.execute(
+                    "UPDATE batches SET status = ?, data = ? WHERE id = ?",
+                    (batch["status"], json.dumps(batch), batch_id),
+                )
         return self._with_counts(batch)
 
     def list(self, *, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import EmberError, InvalidRequestError
-from ember.jobs.batch_db import JobsDatabase
+from ember.jobs.database import JobsDatabase
 
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 PURPOSES = ("batch", "batch_output")  # what ember stores: batch inputs (uploaded) and outputs (written)

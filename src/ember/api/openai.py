@@ -211,7 +211,9 @@ class ChatChunks:
         self.logprobs = logprobs
         self.calls_sent = [0] * n  # tool calls numbered by `index` across a choice's chunks
 
-    def event(self, index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict:
+    def event(
+        self, index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
+    ) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**self.head, "choices": [choice]}
 

@@ -93,11 +93,20 @@ class LoadedModel:
 
     def generate(self, request: GenerateRequest) -> Iterator[GenerateResponse]:
         """Stream the answer to a generate request; the last chunk has done=True and the timings."""
-        yield from self._answer(self.start_generate(request))
+        yield from self._answer(self._started(self.start_generate, request))
 
     def chat(self, request: ChatRequest) -> Iterator[ChatResponse]:
         """Stream the next assistant message; the last chunk has done=True and the timings."""
-        yield from self._answer(self.start_chat(request))
+        yield from self._answer(self._started(self.start_chat, request))
+
+    def _started(self, start: Any, request: Any) -> Any:
+        """Submit and watch in one lock hold: another thread's step between the two would drop the sequence's
+        first updates (its mailbox is made when its run starts)."""
+        with self._lock:
+            job = start(request)
+            if isinstance(job, Job):
+                self.engine.watch(job.sequence)
+            return job
 
     def _answer(self, job: Job | GenerateResponse | ChatResponse) -> Iterator[Any]:
         if not isinstance(job, Job):  # answered at once (a load-only request)
@@ -179,11 +188,17 @@ class LoadedModel:
     ) -> Iterator[SequenceUpdate]:
         """Lowest level: stream a raw completion of prompt tokens (used by the llama-cpp-python style call)."""
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
-        yield from self._run(self._submit(tokens, sampling, grammar))
+        with self._lock:
+            sequence = self._submit(tokens, sampling, grammar)
+            self.engine.watch(sequence)
+        yield from self._run(sequence)
 
     def run_many(self, prompts: list[list[int]], samplings: list[SamplingOptions]) -> Iterator[SequenceUpdate]:
         """Decode several prompts together, one shared batch per step; updates arrive interleaved."""
-        sequences = [self._submit(tokens, sampling, None) for tokens, sampling in zip(prompts, samplings, strict=True)]
+        with self._lock:
+            sequences = [self._submit(t, sampling, None) for t, sampling in zip(prompts, samplings, strict=True)]
+            for sequence in sequences:
+                self.engine.watch(sequence)
         yield from self._run(*sequences)
 
     # --- internals -----------------------------------------------------------------------------------

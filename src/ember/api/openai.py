@@ -5,6 +5,8 @@ The bodies are the protocol models of openai_protocol.py. Streams are server-sen
 choice with its own index; a completions request with several prompts gives n choices for each, in order.
 Logprobs (chat `logprobs`/`top_logprobs`, completions `logprobs: N`) come from the raw logits: see
 openai_logprobs.py. A thinking model's reasoning comes as `reasoning_content`, apart from `content`.
+`chat_call` and `completion_call` are what the routes run, and what batch lines and queued messages run too
+(see openai_calls.py), so a body means the same on every way in.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,10 +32,25 @@ from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
 from ember.store.resolve import resolve_model
 from ember.store.store import ModelStore
 from ember.tools import openai_tool_call
-from ember.types import ChatResponse, GenerateResponse
+from ember.types import ChatRequest, ChatResponse, EmbedRequest, GenerateRequest, GenerateResponse
 
 router = APIRouter()
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+@dataclass
+class OpenAICall:
+    """The native requests one OpenAI body makes (one per choice), and how their whole answers become the body
+    the route returns. The routes, batch lines and queued messages all go through one: a single translation
+    (the protocol models' `to_native()`), a single collection (`ember.collect`), a single response shape."""
+
+    kind: Literal["chat", "generate", "embed"]
+    requests: list[ChatRequest] | list[GenerateRequest] | list[EmbedRequest]
+    head: dict[str, Any]
+    respond: Callable[[list[Any]], dict[str, Any]]  # whole answers, in request order -> the response body
+
+    def body(self, answers: list[Any]) -> dict[str, Any]:
+        return self.respond(answers)
 
 
 def _usage(finals: list[Any], prompt_of: list[int]) -> dict[str, Any]:
@@ -127,18 +145,32 @@ def _head(prefix: str, model: str) -> dict[str, Any]:
 # --- chat completions -------------------------------------------------------------------------------------
 
 
+def chat_call(body: ChatCompletionRequest) -> OpenAICall:
+    """A chat completion body as native chat requests (choice i seeded seed + i) and its response shape."""
+    base = body.to_native()
+    requests = [base.model_copy(update={"options": _seeded(base.options, i)}) for i in range(body.n)]
+    head = _head("chatcmpl", body.model)
+    return OpenAICall("chat", requests, head, lambda answers: chat_completion(head, answers, body))
+
+
 @router.post("/v1/chat/completions", openapi_extra=schemas.model_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     manager = manager_of(request)
     manager.limits.check_n(body.n)
-    base = body.to_native()
-    natives = [base.model_copy(update={"options": _seeded(base.options, i)}) for i in range(body.n)]
-    chunks = await _start(request, natives, manager.chat)
-    head = _head("chatcmpl", body.model)
+    call = chat_call(body)
+    chunks = await _start(request, call.requests, manager.chat)
     if not body.stream:
-        return await _whole_chat(head, chunks, body)
-    return StreamingResponse(_chat_events(head, chunks, body), media_type="text/event-stream")
+        return JSONResponse(call.body(await _collected(chunks, len(call.requests))))
+    return StreamingResponse(_chat_events(call.head, chunks, body), media_type="text/event-stream")
+
+
+async def _collected(chunks: AsyncIterator[tuple[int, Any]], count: int) -> list[Any]:
+    """The whole answer of each of `count` merged streams, in order."""
+    collectors = [AnswerCollector() for _ in range(count)]
+    async for index, chunk in chunks:
+        collectors[index].add(chunk)
+    return [collector.result() for collector in collectors]
 
 
 def _chat_message(answer: ChatResponse) -> dict[str, Any]:
@@ -152,11 +184,8 @@ def _chat_message(answer: ChatResponse) -> dict[str, Any]:
     return result
 
 
-async def _whole_chat(head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any]], body: Any) -> JSONResponse:
-    collectors = [AnswerCollector() for _ in range(body.n)]
-    async for index, chunk in chunks:
-        collectors[index].add(chunk)
-    answers = [collector.result() for collector in collectors]
+def chat_completion(head: dict[str, Any], answers: list[ChatResponse], body: ChatCompletionRequest) -> dict[str, Any]:
+    """The `chat.completion` object of the whole answers, one per choice."""
     choices = [
         {
             "index": i,
@@ -166,48 +195,105 @@ async def _whole_chat(head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any
         }
         for i, answer in enumerate(answers)
     ]
-    result = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(answers, [0] * body.n)}
+    result = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(answers, [0] * len(answers))}
     if answers[0].truncated_messages:
         result["truncated_messages"] = answers[0].truncated_messages  # ember: the oldest turns that went
-    return JSONResponse(result)
+    return result
 
 
-async def _chat_events(head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any]], body: Any) -> AsyncIterator[bytes]:
-    chunk_head = {**head, "object": "chat.completion.chunk"}
+class ChatChunks:
+    """Native chat chunks as `chat.completion.chunk` objects: the server-sent events of a streamed chat
+    completion, and the chunks of a streamed queued request."""
 
-    def event(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> bytes:
+    def __init__(self, head: dict[str, Any], n: int, logprobs: bool) -> None:
+        self.head = {**head, "object": "chat.completion.chunk"}
+        self.logprobs = logprobs
+        self.calls_sent = [0] * n  # tool calls numbered by `index` across a choice's chunks
+
+    def event(
+        self, index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
+    ) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return _sse({**chunk_head, "choices": [choice]})
+        return {**self.head, "choices": [choice]}
 
+    def opening(self, index: int) -> dict[str, Any]:
+        return self.event(index, {"role": "assistant", "content": ""})
+
+    def of(self, index: int, chunk: ChatResponse) -> list[dict[str, Any]]:
+        """The events of one native chunk: its reasoning, its text, its whole tool calls, then (the last chunk)
+        the finish reason."""
+        events = []
+        message = chunk.message
+        if message.thinking:
+            events.append(self.event(index, {"reasoning_content": message.thinking}))
+        if message.content or chunk.logprobs:
+            logprobs = chat_logprobs(entries_of(chunk) if self.logprobs else None)
+            events.append(self.event(index, {"content": message.content}, logprobs))
+        if message.tool_calls:  # whole calls, after the text before them
+            first = self.calls_sent[index]
+            self.calls_sent[index] += len(message.tool_calls)
+            calls = [openai_tool_call(call, first + k) for k, call in enumerate(message.tool_calls)]
+            events.append(self.event(index, {"tool_calls": calls}))
+        if chunk.done:
+            events.append(self.event(index, {}, None, _finish_reason(chunk, bool(self.calls_sent[index]))))
+        return events
+
+
+async def _chat_events(
+    head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any]], body: ChatCompletionRequest
+) -> AsyncIterator[bytes]:
+    shaper = ChatChunks(head, body.n, bool(body.logprobs))
     for index in range(body.n):
-        yield event(index, {"role": "assistant", "content": ""})
+        yield _sse(shaper.opening(index))
     finals: list[Any] = [None] * body.n
-    calls_sent = [0] * body.n
     try:
         async for index, chunk in chunks:
-            message = chunk.message
-            if message.thinking:
-                yield event(index, {"reasoning_content": message.thinking})
-            if message.content or chunk.logprobs:
-                logprobs = chat_logprobs(entries_of(chunk) if body.logprobs else None)
-                yield event(index, {"content": message.content}, logprobs)
-            if message.tool_calls:  # whole calls, after the text before them, numbered by `index`
-                first = calls_sent[index]
-                calls_sent[index] += len(message.tool_calls)
-                calls = [openai_tool_call(call, first + k) for k, call in enumerate(message.tool_calls)]
-                yield event(index, {"tool_calls": calls})
+            for event in shaper.of(index, chunk):
+                yield _sse(event)
             if chunk.done:
                 finals[index] = chunk
-                yield event(index, {}, None, _finish_reason(chunk, bool(calls_sent[index])))
     except EmberError as error:
         yield _error_event(error)
         return
     if body.include_usage:
-        yield _sse({**chunk_head, "choices": [], "usage": _usage(finals, [0] * body.n)})
+        yield _sse({**shaper.head, "choices": [], "usage": _usage(finals, [0] * body.n)})
     yield _sse("[DONE]")
 
 
 # --- completions ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionCall(OpenAICall):
+    """A completions call also knows, for each choice, its prompt's number and the prompt it echoes."""
+
+    prompt_of: list[int]
+    echoes: list[str]
+
+    def offsets(self) -> Offsets:
+        offsets = Offsets(len(self.echoes), 0)  # where each choice's generated text starts
+        offsets.next = [len(echo) for echo in self.echoes]
+        return offsets
+
+
+def completion_call(body: CompletionRequest) -> CompletionCall:
+    """A completions body as native raw generate requests (n for each prompt, in order) and its response shape."""
+    prompts = body.prompts()
+    if body.echo and not all(isinstance(prompt, str) for prompt in prompts):
+        raise InvalidRequestError("echo needs text prompts; send the prompt as a string")
+    requests, prompt_of = [], []
+    for number, prompt in enumerate(prompts):
+        base = body.to_native(prompt)
+        for i in range(body.n):
+            requests.append(base.model_copy(update={"options": _seeded(base.options, i)}))
+            prompt_of.append(number)
+    echoes = [str(prompts[number]) if body.echo else "" for number in prompt_of]
+
+    def respond(answers: list[Any]) -> dict[str, Any]:
+        return text_completion(call, answers, body)
+
+    call = CompletionCall("generate", requests, _head("cmpl", body.model), respond, prompt_of, echoes)
+    return call
 
 
 @router.post("/v1/completions", openapi_extra=schemas.model_body(CompletionRequest))
@@ -215,59 +301,43 @@ async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     manager = manager_of(request)
     manager.limits.check_n(body.n)
-    prompts = body.prompts()
-    if body.echo and not all(isinstance(prompt, str) for prompt in prompts):
-        raise InvalidRequestError("echo needs text prompts; send the prompt as a string")
-    natives, prompt_of = [], []
-    for number, prompt in enumerate(prompts):
-        base = body.to_native(prompt)
-        for i in range(body.n):
-            natives.append(base.model_copy(update={"options": _seeded(base.options, i)}))
-            prompt_of.append(number)
-    echoes = [prompts[number] if body.echo else "" for number in prompt_of]
-    chunks = await _start(request, natives, manager.generate)
-    head = _head("cmpl", body.model)
-    offsets = Offsets(len(natives), 0)  # where each choice's generated text starts
-    offsets.next = [len(echo) for echo in echoes]
+    call = completion_call(body)
+    chunks = await _start(request, call.requests, manager.generate)
     if not body.stream:
-        return await _whole_completion(head, chunks, body, echoes, prompt_of, offsets)
-    return StreamingResponse(
-        _completion_events(head, chunks, body, echoes, prompt_of, offsets), media_type="text/event-stream"
-    )
+        return JSONResponse(call.body(await _collected(chunks, len(call.requests))))
+    return StreamingResponse(_completion_events(call, chunks, body), media_type="text/event-stream")
 
 
-async def _whole_completion(
-    head: dict[str, Any], chunks: Any, body: Any, echoes: list[Any], prompt_of: list[int], offsets: Offsets
-) -> JSONResponse:
-    collectors = [AnswerCollector() for _ in echoes]
-    async for index, chunk in chunks:
-        collectors[index].add(chunk)
-    answers: list[GenerateResponse] = [collector.result() for collector in collectors]
+def text_completion(call: CompletionCall, answers: list[GenerateResponse], body: CompletionRequest) -> dict[str, Any]:
+    """The `text_completion` object of the whole answers, one per choice."""
+    offsets = call.offsets()
     choices = [
         {
             "index": i,
-            "text": echoes[i] + answer.response,
+            "text": call.echoes[i] + answer.response,
             "logprobs": offsets.shape(i, entries_of(answer)) if body.logprobs is not None else None,
             "finish_reason": _finish_reason(answer),
         }
         for i, answer in enumerate(answers)
     ]
-    return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": _usage(answers, prompt_of)})
+    usage = _usage(answers, call.prompt_of)
+    return {**call.head, "object": "text_completion", "choices": choices, "usage": usage}
 
 
 async def _completion_events(
-    head: dict[str, Any], chunks: Any, body: Any, echoes: list[Any], prompt_of: list[int], offsets: Offsets
+    call: CompletionCall, chunks: AsyncIterator[tuple[int, Any]], body: CompletionRequest
 ) -> AsyncIterator[bytes]:
-    chunk_head = {**head, "object": "text_completion"}
+    chunk_head = {**call.head, "object": "text_completion"}
+    offsets = call.offsets()
 
     def event(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> bytes:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return _sse({**chunk_head, "choices": [choice]})
 
-    for index, echo in enumerate(echoes):
+    for index, echo in enumerate(call.echoes):
         if echo:
             yield event(index, echo)
-    finals: list[Any] = [None] * len(echoes)
+    finals: list[Any] = [None] * len(call.echoes)
     try:
         async for index, chunk in chunks:
             if chunk.response or chunk.done or chunk.logprobs:
@@ -279,7 +349,7 @@ async def _completion_events(
         yield _error_event(error)
         return
     if body.include_usage:
-        yield _sse({**chunk_head, "choices": [], "usage": _usage(finals, prompt_of)})
+        yield _sse({**chunk_head, "choices": [], "usage": _usage(finals, call.prompt_of)})
     yield _sse("[DONE]")
 
 

@@ -6,6 +6,7 @@ keep_alive afterwards. A model whose load options differ from the loaded one is 
 one is idle; sampling options never cause a reload. A new model that does not fit the memory budget, or
 would pass the maximum number of loaded models, first evicts the least recently used idle model. A load
 that fails for lack of memory is retried down a ladder (fewer GPU layers, CPU only, smaller num_ctx).
+Requests made with `batch=True` (lines of batch jobs) hold at most `batch_slots` of a model's slots at once.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class ModelManager:
         devices: Callable[[], Sequence[GpuDevice]] = gpu_devices,
         resolve: Callable[[str], ModelSource] = resolve_model,
         limits: Limits | None = None,
+        batch_slots: int | None = None,
     ) -> None:
         self.runner_factory = runner_factory
         self.default_options = dict(default_options or {})
@@ -161,6 +163,7 @@ class ModelManager:
         self.devices = devices
         self.resolve = resolve
         self.limits = limits or Limits()
+        self.batch_slots = batch_slots  # None: all of a model's slots but one
         self.entries: dict[str, LoadedModelEntry] = {}
         self._lock = asyncio.Lock()
         self._idle = asyncio.Condition()
@@ -168,7 +171,12 @@ class ModelManager:
     # --- requests ------------------------------------------------------------------------------------
 
     async def generate(
-        self, request: GenerateRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: GenerateRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[GenerateResponse]:
         """Stream the answer; a request with an empty prompt only loads (or, with keep_alive 0, unloads)."""
         resolved = await self._prepare(request, priority)
@@ -176,22 +184,32 @@ class ModelManager:
             yield await self._load_only(resolved, GenerateResponse)
             return
         native = resolved.request
-        async for chunk in self._serve(resolved, lambda runner: runner.generate(native), timeout):
+        async for chunk in self._serve(resolved, lambda runner: runner.generate(native), timeout, batch):
             yield chunk
 
     async def chat(
-        self, request: ChatRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: ChatRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[ChatResponse]:
         resolved = await self._prepare(request, priority)
         if not request.messages:
             yield await self._load_only(resolved, ChatResponse)
             return
         native = resolved.request
-        async for chunk in self._serve(resolved, lambda runner: runner.chat(native), timeout):
+        async for chunk in self._serve(resolved, lambda runner: runner.chat(native), timeout, batch):
             yield chunk
 
     async def embed(
-        self, request: EmbedRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: EmbedRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> EmbedResponse:
         """Embeddings of the request's inputs, queued like any request for the model (one slot while it runs);
         no inputs only loads the model (or, with keep_alive 0, unloads it)."""
@@ -205,7 +223,7 @@ class ModelManager:
         async def once(runner: Runner) -> AsyncIterator[EmbedResponse]:
             yield await runner.embed(request)
 
-        results = [result async for result in self._serve(resolved, once, timeout)]
+        results = [result async for result in self._serve(resolved, once, timeout, batch)]
         return results[0]
 
     async def _prepare(self, request: Any, priority: str | int | None) -> Resolved[Any]:
@@ -247,6 +265,7 @@ class ModelManager:
         resolved: Resolved[Any],
         start: Callable[[Runner], AsyncIterator[Any]],
         timeout: float | None,
+        batch: bool = False,
     ) -> AsyncIterator[Any]:
         keep_alive = resolved.keep_alive
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -255,7 +274,7 @@ class ModelManager:
         self._cancel_expiry(entry)
         try:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            ticket = await entry.queue.acquire(resolved.priority, timeout=remaining)
+            ticket = await entry.queue.acquire(resolved.priority, timeout=remaining, batch=batch)
             try:
                 async for chunk in start(entry.runner):
                     yield chunk
@@ -324,7 +343,10 @@ class ModelManager:
                 options=options,
                 runner=runner,
                 queue=RequestQueue(
-                    slots=options.num_parallel, max_queued=self.max_queued, aging_seconds=self.aging_seconds
+                    slots=options.num_parallel,
+                    max_queued=self.max_queued,
+                    aging_seconds=self.aging_seconds,
+                    batch_slots=self.batch_slots,
                 ),
                 estimate=estimate,
                 load_note=note,

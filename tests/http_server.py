@@ -57,6 +57,7 @@ class FileServer:
         self.errors: dict[str, int] = {}  # path -> HTTP status to answer instead of the content
         self.requests: list[Request] = []
         self._interrupt_after: int | None = None
+        self._interrupt_path: str | None = None
         self._stall_s = 0.0
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
@@ -105,13 +106,15 @@ class FileServer:
     def url(self, path: str = "/") -> str:
         return self.base_url + path
 
-    def interrupt_next_after(self, n_bytes: int, *, stall_s: float = 0.0) -> None:
+    def interrupt_next_after(self, n_bytes: int, *, stall_s: float = 0.0, path: str | None = None) -> None:
         """The next file response sends full headers but only `n_bytes` of its body, then drops the connection.
 
         With `stall_s`, it waits that long (silent) before dropping, to make a client's read timeout fire.
+        With `path`, only the next response for that path is cut; others are served whole meanwhile.
         """
         with self._lock:
             self._interrupt_after = n_bytes
+            self._interrupt_path = path
             self._stall_s = stall_s
 
     def requests_to(self, path: str) -> list[Request]:
@@ -150,10 +153,12 @@ class FileServer:
 
     # -- serving ---------------------------------------------------------------------------------------------
 
-    def _take_interrupt(self) -> tuple[int | None, float]:
+    def _take_interrupt(self, path: str) -> tuple[int | None, float]:
         with self._lock:
+            if self._interrupt_path not in (None, path):
+                return None, 0.0
             after, stall = self._interrupt_after, self._stall_s
-            self._interrupt_after, self._stall_s = None, 0.0
+            self._interrupt_after, self._interrupt_path, self._stall_s = None, None, 0.0
         return after, stall
 
     def _handle(self, handler: _Handler, *, head: bool) -> None:
@@ -170,7 +175,7 @@ class FileServer:
             body = json.dumps(self.json_routes[path]).encode()
             _send(handler, 200, body, {"Content-Type": "application/json"}, head=head)
         elif path in self.files:
-            self._send_file(handler, self.files[path], headers, head=head)
+            self._send_file(handler, path, self.files[path], headers, head=head)
         elif path.startswith("/api/models/"):
             # what the real hub answers for a missing repository: huggingface_hub keys on X-Error-Code
             body = json.dumps({"error": "Repository not found"}).encode()
@@ -179,7 +184,7 @@ class FileServer:
         else:
             _send(handler, 404, b"not found\n", {"Content-Type": "text/plain"}, head=head)
 
-    def _send_file(self, handler: _Handler, data: bytes, headers: httpx.Headers, *, head: bool) -> None:
+    def _send_file(self, handler: _Handler, path: str, data: bytes, headers: httpx.Headers, *, head: bool) -> None:
         etag = etag_of(data)
         extra = {
             "Content-Type": "application/octet-stream",
@@ -199,7 +204,7 @@ class FileServer:
                 return
             status, body = 206, data[start : end + 1]
             extra["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        interrupt_after, stall_s = self._take_interrupt()
+        interrupt_after, stall_s = self._take_interrupt(path)
         if interrupt_after is None or head:
             _send(handler, status, body, extra, head=head)
             return

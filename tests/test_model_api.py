@@ -216,3 +216,18 @@ def test_model_info_comes_from_the_gguf(model: ember.Model) -> None:
     assert model.info.architecture == "llama"
     assert 100_000_000 < model.info.parameter_count < 200_000_000
     assert model.info.file_type.lower() == "q4_1"
+
+
+def test_threads_sharing_a_model_get_the_answers_they_get_alone() -> None:
+    """Each thread's sequence joins the shared batches; none loses its first text to another thread's step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Give one word that rhymes with number {i}." for i in range(8)]
+    options = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 5}
+    with ember.Model("smollm2", num_ctx=256, num_parallel=4) as shared:
+        alone = [shared.chat([{"role": "user", "content": p}], **options).message.content for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(
+                pool.map(lambda p: shared.chat([{"role": "user", "content": p}], **options).message.content, prompts)
+            )
+    assert together == alone and all(alone)

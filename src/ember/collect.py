@@ -74,3 +74,19 @@ async def collect_async(chunks: AsyncIterable[Chunk]) -> Any:
         if collector.done:
             break
     return collector.result()
+
+
+def collect_choices(items: Iterable[tuple[int, Chunk]], count: int) -> list[Any]:
+    """The whole answer of each of `count` choices, from their (choice index, chunk) items in one stream."""
+    collectors = [AnswerCollector() for _ in range(count)]
+    for index, chunk in items:
+        collectors[index].add(chunk)
+    return [collector.result() for collector in collectors]
+
+
+async def collect_choices_async(items: AsyncIterable[tuple[int, Chunk]], count: int) -> list[Any]:
+    """The whole answer of each of `count` choices, from an asynchronous stream of (choice index, chunk)."""
+    collectors = [AnswerCollector() for _ in range(count)]
+    async for index, chunk in items:
+        collectors[index].add(chunk)
+    return [collector.result() for collector in collectors]

@@ -54,6 +54,25 @@ class Settings(BaseSettings):
         "(LRU); default a quarter of the available memory, at most 8 GiB; 0 disables it.",
     )
     load_timeout: float = Field(300.0, gt=0, description="Seconds a model may take to load before the load fails.")
+    registry: str = Field(
+        "https://registry.ollama.ai",
+        description="Base URL of the Ollama-style registry that `ember pull NAME[:TAG]` pulls library names from.",
+    )
+    batch_slots: int | None = Field(
+        None, ge=1, description="Most of a model's slots batch lines may hold at once (default: all but one)."
+    )
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, description="Largest file accepted by POST /v1/files (batch input)."
+    )
+    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ broker of `ember worker`.")
+    amqp_queue: str = Field("requests", description="Queue `ember worker` answers requests from.")
+    amqp_results_queue: str = Field(
+        "responses", description="Queue for answers to messages without reply_to (`ember worker`)."
+    )
+    worker_max_attempts: int = Field(
+        3, ge=1, le=100, description="Deliveries of one request before `ember worker` dead-letters it."
+    )
+    schedules: bool = Field(True, description="Run the stored schedules (`ember schedule`) inside `ember serve`.")
 
     @property
     def host_and_port(self) -> tuple[str, int]:

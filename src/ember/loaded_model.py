@@ -102,21 +102,42 @@ class LoadedModel:
 
     def generate(self, request: GenerateRequest) -> Iterator[GenerateResponse]:
         """Stream the answer to a generate request; the last chunk has done=True and the timings."""
-        yield from self._answer(self.start_generate(request))
+        for _, chunk in self.generate_choices(request, 1):
+            yield chunk
 
     def chat(self, request: ChatRequest) -> Iterator[ChatResponse]:
         """Stream the next assistant message; the last chunk has done=True and the timings."""
-        yield from self._answer(self.start_chat(request))
+        for _, chunk in self.chat_choices(request, 1):
+            yield chunk
 
-    def _answer(self, jobs: list[Job] | GenerateResponse | ChatResponse) -> Iterator[Any]:
-        if not isinstance(jobs, list):  # answered at once (a load-only request)
-            yield jobs
+    def generate_choices(self, request: GenerateRequest, n: int) -> Iterator[tuple[int, GenerateResponse]]:
+        """`n` completions of one prompt (prefilled once), as (choice index, chunk) in the order they come."""
+        yield from self._answer(self._started(self.start_generate, request, n), n)
+
+    def chat_choices(self, request: ChatRequest, n: int) -> Iterator[tuple[int, ChatResponse]]:
+        """`n` completions of the next assistant message (prefilled once), as (choice index, chunk)."""
+        yield from self._answer(self._started(self.start_chat, request, n), n)
+
+    def _started(self, start: Any, request: Any, choices: int) -> Any:
+        """Submit and watch in one lock hold: another thread's step between the two would drop the sequences'
+        first updates (a sequence's mailbox is made when its run starts)."""
+        with self._lock:
+            jobs = start(request, choices)
+            for job in jobs if isinstance(jobs, list) else ():
+                self.engine.watch(job.sequence)
+            return jobs
+
+    def _answer(self, jobs: list[Job] | GenerateResponse | ChatResponse, n: int) -> Iterator[tuple[int, Any]]:
+        if not isinstance(jobs, list):  # answered at once (a load-only request): the same for every choice
+            for index in range(n):
+                yield index, jobs
             return
-        (job,) = jobs
-        for update in self._run(job.sequence):
+        by_sequence = {job.sequence.id: (index, job) for index, job in enumerate(jobs)}
+        for update in self._run(*(job.sequence for job in jobs)):
+            index, job = by_sequence[update.sequence.id]
             chunk = job.chunk(update)
             if chunk is not None:
-                yield chunk
+                yield index, chunk
 
     def start_generate(self, request: GenerateRequest, choices: int = 1) -> list[Job] | GenerateResponse:
         """Submit a generate request to the engine (`choices` completions of it: its prompt is prefilled once);
@@ -200,7 +221,10 @@ class LoadedModel:
     ) -> Iterator[SequenceUpdate]:
         """Lowest level: stream a raw completion of prompt tokens (used by the llama-cpp-python style call)."""
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
-        yield from self._run(self._submit(tokens, sampling, grammar))
+        with self._lock:
+            sequence = self._submit(tokens, sampling, grammar)
+            self.engine.watch(sequence)
+        yield from self._run(sequence)
 
     # --- internals -----------------------------------------------------------------------------------
 

@@ -38,8 +38,8 @@ def test_pull_list_show_copy_delete(model_path: Path) -> None:
     with running_server() as base:
         client = ollama.Client(host=base)
         lines = list(client.pull(str(model_path), stream=True))
-        assert lines[0].status == "pulling manifest" and lines[-1].status == "success"
-        assert lines[-1].digest == "sha256:" + ModelStore().get(DEFAULT_NAME).model_layer.digest[7:]
+        assert lines[0].status == "pulling manifest"
+        assert lines[-1].model_dump(exclude_none=True) == {"status": "success"}  # bare: Open WebUI's "done"
         assert _names(client) == [DEFAULT_NAME]
         listed = client.list().models[0]
         assert listed.details.family == "llama" and listed.details.quantization_level == "Q4_1"
@@ -53,7 +53,7 @@ def test_pull_list_show_copy_delete(model_path: Path) -> None:
             base + "/api/pull", json={"model": str(model_path), "destination": "mine:v1", "stream": False}
         )
         assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
-        assert answer.json()["status"] == "success" and answer.json()["model"] == "mine:v1"
+        assert answer.json() == {"status": "success"} and ModelStore().get("mine:v1") is not None
 
         assert client.copy("mine:v1", "copied").status == "success"
         assert set(_names(client)) == {DEFAULT_NAME, "mine:v1", "copied:latest"}
@@ -89,8 +89,8 @@ def test_pull_errors_have_statuses(tmp_path: Path) -> None:
     with running_server() as base:
         client = ollama.Client(host=base)
         with pytest.raises(ollama.ResponseError) as unknown:
-            client.pull("llama3.2")
-        assert _status(unknown) == 404 and "cannot pull" in unknown.value.error
+            client.pull("llama3.2")  # the tests' registry (EMBER_REGISTRY) has no models
+        assert _status(unknown) == 404 and "'llama3.2:latest' not found in the registry" in unknown.value.error
         with pytest.raises(ollama.ResponseError) as damaged:
             list(client.pull(str(garbage), stream=True))  # an early error is a status, even when streaming
         assert _status(damaged) == 422

@@ -16,6 +16,7 @@ import pytest
 
 from ember.cli import remote
 from ember.cli.main import main
+from ember.store.defaults import mark_bundled_models_offered
 from ember.store.store import ModelStore
 from tests.gguf_files import write_tiny_gguf
 from tests.server import running_server, serve_subprocess
@@ -41,6 +42,8 @@ def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess
 def test_model_commands_go_through_the_server(model_path: Path, tmp_path: Path) -> None:
     server_home, cli_home = tmp_path / "server-home", tmp_path / "cli-home"
     server_store, cli_store = ModelStore(server_home / "models"), ModelStore(cli_home / "models")
+    for store in (server_store, cli_store):
+        mark_bundled_models_offered(store)  # both start empty, so the listings below show what the test did
     with serve_subprocess(env={"EMBER_HOME": str(server_home)}) as (base, server_env):
         env = {**server_env, "EMBER_HOME": str(cli_home)}
 
@@ -82,7 +85,7 @@ def test_model_commands_go_through_the_server(model_path: Path, tmp_path: Path) 
             (["cp", "local-copy", "../escape"], "invalid model name"),
             (["show", "nosuch"], "not found"),
             (["run", "nosuch", "hi"], "not found"),
-            (["pull", "somename"], "cannot pull"),
+            (["pull", "somename"], "'somename:latest' not found in the registry"),
             (["pull", str(tmp_path / "missing.gguf")], "no model file"),
         ):
             result = ember(env, *args)

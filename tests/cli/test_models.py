@@ -60,7 +60,7 @@ def test_errors_are_one_line() -> None:
         (["cp", "nosuch", "x"], "not found"),
         (["show", "nosuch"], "not found"),
         (["pull", "../../etc/shadow.gguf"], "no model file"),
-        (["pull", "somename"], "cannot pull"),
+        (["pull", "somename"], "'somename:latest' not found in the registry"),
         (["cp", "smollm2", "../escape"], "invalid model name"),
         (["create", "x", "-f", "/nonexistent/Modelfile"], "no Modelfile"),
     ):

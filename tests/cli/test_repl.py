@@ -183,7 +183,7 @@ def test_a_saved_session_continues_in_a_new_process(home: Path) -> None:
     assert "Loaded session 'zed-chat': smollm2, 2 messages." in second.ask("/load zed-chat")
     assert SMOLLM_SYSTEM in second.ask("/show system")
     assert "temperature" in second.ask("/show parameters")
-    assert "Zed" in second.ask("What is my name?")
+    assert "Zed" in second.ask("What is my name? Answer with the name only.")
     assert second.quit() == 0
 
 

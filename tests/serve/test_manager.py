@@ -398,3 +398,31 @@ def test_choices_come_tagged_and_a_load_only_request_answers_each(models: dict[s
         await manager.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("batch_slots", "cap"), [(None, 2), (1, 1)])
+def test_batch_requests_hold_at_most_the_batch_slots(
+    models: dict[str, ModelSource], batch_slots: int | None, cap: int
+) -> None:
+    async def scenario() -> None:
+        manager = _manager(models, default_options={"num_parallel": 3}, batch_slots=batch_slots)
+        await _ask(manager, "a")  # loaded
+        queue = manager.entries["a:latest"].queue
+        most = 0
+
+        async def line() -> None:
+            nonlocal most
+            request = GenerateRequest(model="a", prompt="line")
+            async for _ in manager.generate(request, priority="low", batch=True):
+                most = max(most, queue.batch_in_use)
+
+        lines = [asyncio.create_task(line()) for _ in range(6)]
+        await asyncio.sleep(0.005)
+        assert queue.batch_in_use == cap and queue.in_use == cap
+        interactive = await asyncio.wait_for(_ask(manager, "a", "now"), timeout=1)  # a slot was free for it
+        assert interactive[-1].done
+        await asyncio.gather(*lines)
+        assert most == cap and queue.in_use == 0
+        await manager.close()
+
+    asyncio.run(scenario())

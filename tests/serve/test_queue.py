@@ -340,3 +340,143 @@ def test_random_operations_never_overbook_or_lose_slots(slots: int, ops: list[tu
         acquire_now(queue).release()
 
     run(main())
+
+
+# --- batch tickets: a class with a cap (EMBER_BATCH_SLOTS) -------------------------------------------------
+
+
+def test_batch_cap_defaults_to_all_slots_but_one() -> None:
+    assert RequestQueue(slots=4, max_queued=1).batch_slots == 3
+    assert RequestQueue(slots=1, max_queued=1).batch_slots == 1  # one slot: batches may still run
+    assert RequestQueue(slots=4, max_queued=1, batch_slots=2).batch_slots == 2
+    assert RequestQueue(slots=2, max_queued=1, batch_slots=8).batch_slots == 2
+    with pytest.raises(ValueError):
+        RequestQueue(slots=2, max_queued=1, batch_slots=0)
+
+
+def test_batch_lines_never_hold_more_than_the_cap_and_interactive_gets_the_free_slot() -> None:
+    async def main() -> None:
+        queue = RequestQueue(slots=3, max_queued=10, clock=FakeClock())
+        lines = [await enqueue(queue, L, batch=True) for _ in range(4)]
+        await settle()
+        assert [t.done() for t in lines] == [True, True, False, False]
+        assert (queue.in_use, queue.batch_in_use, queue.queued) == (2, 2, 2)
+        interactive = acquire_now(queue, N)  # the slot kept free is granted at once, ahead of the waiting lines
+        assert queue.in_use == 3
+        lines[0].result().release()  # a batch slot frees: the next line takes it
+        await settle()
+        assert lines[2].done() and not lines[3].done() and queue.batch_in_use == 2
+        interactive.release()  # the interactive slot frees: a line may not take it (cap reached)
+        await settle()
+        assert not lines[3].done() and queue.in_use == 2
+        for task in lines[1:3]:
+            task.result().release()
+        await settle()
+        assert lines[3].done() and queue.batch_in_use == 1
+
+    run(main())
+
+
+def test_a_capped_batch_waiter_does_not_block_an_interactive_waiter_behind_it() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        queue = RequestQueue(slots=2, max_queued=10, clock=clock)
+        line = acquire_now(queue)  # not batch: fills a slot
+        first_line = await enqueue(queue, L, batch=True)
+        await settle()
+        assert first_line.done()  # cap 1 of 2, one slot was free
+        second_line = await enqueue(queue, H, batch=True)  # best rank, but over the cap
+        interactive = await enqueue(queue, L)
+        clock.now += 100.0
+        line.release()
+        await settle()
+        assert interactive.done() and not second_line.done()
+        first_line.result().release()
+        await settle()
+        assert second_line.done()
+
+    run(main())
+
+
+def test_set_slots_moves_the_default_batch_cap() -> None:
+    async def main() -> None:
+        queue = RequestQueue(slots=2, max_queued=10)
+        lines = [await enqueue(queue, L, batch=True) for _ in range(3)]
+        await settle()
+        assert sum(t.done() for t in lines) == 1
+        queue.set_slots(4)  # cap becomes 3
+        await settle()
+        assert all(t.done() for t in lines) and queue.batch_in_use == 3
+
+    run(main())
+
+
+BATCH_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.tuples(st.sampled_from(list(Priority)), st.booleans())),
+        st.tuples(st.just("release"), st.integers(0, 50)),
+        st.tuples(st.just("cancel"), st.integers(0, 50)),
+        st.tuples(st.just("tick"), st.floats(0, 30)),
+        st.tuples(st.just("yield"), st.just(0)),
+        st.tuples(st.just("resize"), st.integers(1, 4)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(slots=st.integers(1, 4), cap=st.one_of(st.none(), st.integers(1, 4)), ops=BATCH_OPS)
+def test_random_batch_operations_keep_the_cap_and_leave_no_slot_idle(
+    slots: int, cap: int | None, ops: list[tuple[str, Any]]
+) -> None:
+    """Never more batch tickets than the cap, never a waiter left beside a slot it may take, nothing lost."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        queue = RequestQueue(slots=slots, max_queued=8, aging_seconds=10.0, clock=clock, batch_slots=cap)
+        tasks: list[tuple[asyncio.Task[Ticket], bool]] = []
+        granted: set[int] = set()
+        for op, arg in ops:
+            if op == "acquire":
+                priority, batch = arg
+                tasks.append((asyncio.create_task(queue.acquire(priority, batch=batch)), batch))
+            elif op == "tick":
+                clock.now += arg
+            elif op == "yield":
+                await asyncio.sleep(0)
+            elif op == "resize":
+                queue.set_slots(arg)
+            else:
+                pick = random.Random(arg)
+                if op == "release":
+                    held = [t for t, _ in tasks if t.done() and not t.cancelled() and t.exception() is None]
+                    if held:
+                        pick.choice(held).result().release()
+                else:
+                    pending = [t for t, _ in tasks if not t.done()]
+                    if pending:
+                        pick.choice(pending).cancel()
+            await settle()
+            held = [(t.result(), b) for t, b in tasks if t.done() and not t.cancelled() and t.exception() is None]
+            live = [(ticket, b) for ticket, b in held if not ticket.released]
+            assert queue.in_use == len(live)
+            assert queue.batch_in_use == sum(b for _, b in live)
+            assert all(ticket.batch == b for ticket, b in live)
+            new_batch_grants = [id(ticket) for ticket, b in held if b and id(ticket) not in granted]
+            granted.update(id(ticket) for ticket, _ in held)
+            if new_batch_grants:  # (after a shrink the count may stay above the cap a while, but never grows there)
+                assert queue.batch_in_use <= queue.batch_slots
+            waiting = [b for t, b in tasks if not t.done()]
+            if waiting and queue.in_use < queue.slots:  # a free slot: only batch lines over the cap may wait beside it
+                assert all(waiting) and queue.batch_in_use >= queue.batch_slots, (waiting, queue.batch_in_use)
+        for task, _ in tasks:
+            task.cancel()
+        results = await asyncio.gather(*(t for t, _ in tasks), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Ticket):
+                result.release()
+            else:
+                assert isinstance(result, asyncio.CancelledError | ServerBusyError), result
+        assert queue.in_use == 0 and queue.batch_in_use == 0 and queue.queued == 0
+
+    run(main())

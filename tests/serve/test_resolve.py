@@ -124,3 +124,18 @@ def test_a_valid_request_loads_and_answers(manager: ModelManager) -> None:
 
     chunks = asyncio.run(scenario())
     assert chunks[-1].done and FakeRunner.started and FakeRunner.started[0][0] == "plain:latest"
+
+
+def test_a_requests_own_options_are_checked_before_its_model_is_known(manager: ModelManager) -> None:
+    """What queued messages and batch lines are checked with as they arrive: the same caps and values."""
+    limits = manager.limits
+    with pytest.raises(InvalidRequestError, match="EMBER_MAX_NUM_PREDICT"):
+        limits.check_options({"num_predict": 65})
+    with pytest.raises(InvalidRequestError, match="EMBER_MAX_NUM_CTX"):
+        limits.check_options({"num_ctx": 4096})
+    with pytest.raises(InvalidOptionError, match="top_p"):
+        limits.check_options({"top_p": 7})
+    limits.check_options({"num_predict": 64, "num_ctx": 2048, "temperature": None})  # at the caps: taken
+    limits.check_options(None)
+    # whatever check_options takes, the resolve step takes too, on any model
+    assert manager.prepare(GenerateRequest(model="big", prompt="x", options={"num_ctx": 2048})).load.num_ctx == 2048

@@ -161,12 +161,19 @@ def test_a_bad_request_fails_alone(kind: str) -> None:
         manager = ModelManager()
         try:
             too_long = "word " * 3000
+            # truncate=False: left unset, an over-long prompt is cut to fit (Ollama's default), not refused.
             with pytest.raises(Exception, match="num_ctx"):
                 if kind == "generate":
-                    await _text(manager, too_long, {"num_ctx": 512})
+                    request = GenerateRequest(
+                        model="smollm2", prompt=too_long, raw=True, truncate=False, options={"num_ctx": 512}
+                    )
+                    [c async for c in manager.generate(request)]
                 else:
                     request = ChatRequest(
-                        model="smollm2", messages=[{"role": "user", "content": too_long}], options={"num_ctx": 512}
+                        model="smollm2",
+                        messages=[{"role": "user", "content": too_long}],
+                        truncate=False,
+                        options={"num_ctx": 512},
                     )
                     [c async for c in manager.chat(request)]
             return await _text(manager, "Hello", {"num_ctx": 512, "num_predict": 4})

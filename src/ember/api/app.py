@@ -24,6 +24,7 @@ from ember.api.anthropic import error_type, is_anthropic_path
 from ember.api.security import install_security
 from ember.config import Settings
 from ember.errors import EmberError, ServerBusyError
+from ember.jobs.schedules import server_scheduler
 from ember.serve.manager import ModelManager, parse_keep_alive
 from ember.serve.resolve import Limits
 
@@ -38,6 +39,7 @@ def create_manager(settings: Settings) -> ModelManager:
         max_queued=settings.max_queue,
         limits=Limits.from_settings(settings),
         load_timeout=settings.load_timeout,
+        batch_slots=settings.batch_slots,
     )
 
 
@@ -47,9 +49,18 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.manager = manager or create_manager(settings)
+        from ember.api.openai_batches import create_batch_service
+
+        app.state.batches = create_batch_service(app.state.manager, settings)
+        await app.state.batches.start()  # resumes the batches a stopped server left unfinished
+        app.state.scheduler = server_scheduler(settings.home, app.state.manager)
+        if settings.schedules:
+            await app.state.scheduler.start()
         try:
             yield
         finally:
+            await app.state.scheduler.stop()
+            await app.state.batches.close()
             await app.state.manager.close()
 
     app = FastAPI(
@@ -62,7 +73,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     install_security(app, settings)
     _install_error_handlers(app)
 
-    from ember.api import anthropic, embeddings, native, ollama, ollama_models, openai
+    from ember.api import anthropic, embeddings, native, ollama, ollama_models, openai, openai_batches, schedules
 
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
@@ -70,6 +81,8 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     app.include_router(openai.router)
     app.include_router(native.router)
     app.include_router(embeddings.router)
+    app.include_router(openai_batches.router)
+    app.include_router(schedules.router)
     return app
 
 

@@ -22,6 +22,7 @@ from ember.api import schemas
 from ember.api.bodies import parse_body
 from ember.api.ollama import PRIORITY_HEADER, manager_of
 from ember.api.ollama_protocol import OllamaEmbeddingsRequest, OllamaEmbedRequest
+from ember.api.openai import OpenAICall
 from ember.api.openai_protocol import EmbeddingRequest
 from ember.embeddings import finish_vector, float32_base64
 from ember.errors import InvalidRequestError
@@ -89,19 +90,22 @@ def openai_token_text(tokens: list[int], encoding_name: str) -> str:
         raise InvalidRequestError(f"token id {error} is not in the {encoding_name} vocabulary") from None
 
 
-@router.post("/v1/embeddings", openapi_extra=schemas.model_body(EmbeddingRequest))
-async def openai_embeddings(request: Request) -> dict[str, Any]:
-    body = await parse_body(request, EmbeddingRequest)
-    encoding = request.app.state.settings.openai_token_encoding
+def embeddings_call(body: EmbeddingRequest, token_encoding: str) -> OpenAICall:
+    """An embeddings body as one native embed request and its response shape (OpenAI's list of embeddings);
+    token-id inputs are read with `token_encoding` (see the module's docstring)."""
     inputs: list[str | list[int]] = []
     for item in body.inputs():
-        if isinstance(item, list) and encoding != MODEL_TOKENS:
-            item = openai_token_text(item, encoding)
+        if isinstance(item, list) and token_encoding != MODEL_TOKENS:
+            item = openai_token_text(item, token_encoding)
         inputs.append(item)
     native = EmbedRequest(
         model=body.model, input=inputs, dimensions=body.dimensions, keep_alive=body.keep_alive, priority=body.priority
     )
-    result = await _embed(request, native)
+    head = {"model": body.model}
+    return OpenAICall("embed", [native], 1, head, lambda answers: _embedding_list(answers[0], body))
+
+
+def _embedding_list(result: EmbedResponse, body: EmbeddingRequest) -> dict[str, Any]:
     data = []
     for index, vector in enumerate(result.embeddings):
         values = finish_vector(vector, normalize=True, dimensions=body.dimensions)
@@ -109,3 +113,10 @@ async def openai_embeddings(request: Request) -> dict[str, Any]:
         data.append({"object": "embedding", "index": index, "embedding": embedding})
     usage = {"prompt_tokens": result.prompt_eval_count, "total_tokens": result.prompt_eval_count}
     return {"object": "list", "data": data, "model": body.model, "usage": usage}
+
+
+@router.post("/v1/embeddings", openapi_extra=schemas.model_body(EmbeddingRequest))
+async def openai_embeddings(request: Request) -> dict[str, Any]:
+    body = await parse_body(request, EmbeddingRequest)
+    call = embeddings_call(body, request.app.state.settings.openai_token_encoding)
+    return call.body([await _embed(request, call.requests[0])])

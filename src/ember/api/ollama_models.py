@@ -214,34 +214,50 @@ def _download_lines(emit: Emit, description: str, digest: str | None) -> Iterato
 
 @router.post("/api/pull", openapi_extra=schemas.PULL)
 async def pull_route(request: Request) -> Response:
-    """{model, insecure, stream}; ember's own fields: `destination` (the name to register) and `sha256`."""
+    """{model, insecure, stream}; ember's own fields: `destination` (the name to register) and `sha256`.
+
+    The lines are Ollama's: "pulling manifest"; for each file {"status": "pulling <12 hex digits>", "digest",
+    "total", "completed"} (Open WebUI shows a line with a digest as progress); notices as plain status lines;
+    "verifying sha256 digest"; "writing manifest", which also carries ember's `model`, `model_digest` and `size`
+    of the registered model (no `digest` key, so that it does not read as progress); and a bare
+    {"status": "success"}, the only line with `stream: false`.
+    """
     from ember.store.pull import pull
 
     body = await read_json(request)
     source = _model_field(body, "pull")
     destination = _optional_str(body, "destination")
     sha256 = _optional_str(body, "sha256")
+    insecure = body.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise InvalidRequestError("insecure must be true or false")
     stream = _stream_flag(body)
     if destination is not None:
         parse_model_name(destination)
     if not source.lower().startswith(_REMOTE_PREFIXES):
         _check_local_path(source, "pull", None)
-    digest = None  # shown on the download lines when known; pull() checks the value and says what is wrong
-    with contextlib.suppress(InvalidRequestError):
-        digest = (
-            normalize_digest(sha256 if sha256.lower().startswith("sha256") else f"sha256:{sha256}") if sha256 else None
-        )
+    registry = request.app.state.settings.registry
 
     def work(emit: Emit) -> Line:
         result = pull(
             source,
             name=destination,
             sha256=sha256,
-            progress=lambda description: _download_lines(emit, description, digest),
+            insecure=insecure,
+            registry=registry,
+            progress=lambda description, digest=None: _download_lines(emit, description, digest),
+            status=lambda text: emit({"status": text}),
         )
         emit({"status": "verifying sha256 digest"})
-        emit({"status": "writing manifest"})
-        return {"status": "success", "model": result.name, "digest": result.digest, "size": result.manifest.size}
+        emit(
+            {
+                "status": "writing manifest",
+                "model": result.name,
+                "model_digest": result.digest,
+                "size": result.manifest.size,
+            }
+        )
+        return {"status": "success"}
 
     return await _respond(_Job(work), stream, opening={"status": "pulling manifest"})
 

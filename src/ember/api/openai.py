@@ -6,6 +6,8 @@ The bodies are the protocol models of openai_protocol.py. Streams are server-sen
 request with several prompts gives n choices for each, in order.
 Logprobs (chat `logprobs`/`top_logprobs`, completions `logprobs: N`) come from the raw logits: see
 openai_logprobs.py. A thinking model's reasoning comes as `reasoning_content`, apart from `content`.
+`chat_call` and `completion_call` are what the routes run, and what batch lines and queued messages run too
+(see openai_calls.py), so a body means the same on every way in.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,16 +28,39 @@ from ember.api.bodies import parse_body
 from ember.api.ollama import PRIORITY_HEADER, first_then_rest, manager_of
 from ember.api.openai_logprobs import Offsets, chat_logprobs, entries_of
 from ember.api.openai_protocol import ChatCompletionRequest, CompletionRequest
-from ember.collect import AnswerCollector
+from ember.collect import collect_choices_async
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
-from ember.store.bundled import DEFAULT_MODEL
 from ember.store.resolve import resolve_model
 from ember.store.store import ModelStore
 from ember.tools import openai_tool_call
-from ember.types import ChatResponse, GenerateResponse
+from ember.types import ChatRequest, ChatResponse, EmbedRequest, GenerateRequest, GenerateResponse
 
 router = APIRouter()
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+@dataclass
+class OpenAICall:
+    """The native requests one OpenAI body makes (one per prompt), how many completions of each it asks for
+    (`choices`, OpenAI's n: they share the prompt's prefill, see ModelManager.chat_choices), and how their whole
+    answers become the body the route returns. The routes, batch lines and queued messages all go through one: a
+    single translation (the protocol models' `to_native()`), a single collection (`ember.collect`), a single
+    response shape."""
+
+    kind: Literal["chat", "generate", "embed"]
+    requests: list[ChatRequest] | list[GenerateRequest] | list[EmbedRequest]
+    choices: int
+    head: dict[str, Any]
+    # whole answers, choice c of request r at r * choices + c -> the response body
+    respond: Callable[[list[Any]], dict[str, Any]]
+
+    @property
+    def answers(self) -> int:
+        """How many whole answers the body is made of: `choices` for each request."""
+        return len(self.requests) * self.choices
+
+    def body(self, answers: list[Any]) -> dict[str, Any]:
+        return self.respond(answers)
 
 
 def _usage(finals: list[Any], prompt_of: list[int]) -> dict[str, Any]:
@@ -103,13 +129,14 @@ def _error_event(error: EmberError) -> bytes:
     return _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
 
 
-async def _start(request: Request, natives: list[Any], n: int, start: Any) -> AsyncIterator[tuple[int, Any]]:
-    """Start the n choices of every prompt (`start` is the manager's generate_choices or chat_choices), merged;
-    an error before the first chunk is raised here, so it becomes the response's status."""
+async def _start(request: Request, call: OpenAICall, start: Any) -> AsyncIterator[tuple[int, Any]]:
+    """Start the choices of every prompt of the call (`start` is the manager's generate_choices or chat_choices;
+    it checks n with the other caps before loading), merged; an error before the first chunk is raised here, so
+    it becomes the response's status."""
     priority = request.headers.get(PRIORITY_HEADER)
     timeout = request.app.state.settings.request_timeout
-    streams = [start(native, n, priority=priority, timeout=timeout) for native in natives]
-    return await first_then_rest(_merged(streams, n))
+    streams = [start(native, call.choices, priority=priority, timeout=timeout) for native in call.requests]
+    return await first_then_rest(_merged(streams, call.choices))
 
 
 def _head(prefix: str, model: str) -> dict[str, Any]:
@@ -124,14 +151,20 @@ def _head(prefix: str, model: str) -> dict[str, Any]:
 # --- chat completions -------------------------------------------------------------------------------------
 
 
+def chat_call(body: ChatCompletionRequest) -> OpenAICall:
+    """A chat completion body as a native chat request with its n choices, and its response shape."""
+    head = _head("chatcmpl", body.model)
+    return OpenAICall("chat", [body.to_native()], body.n, head, lambda answers: chat_completion(head, answers, body))
+
+
 @router.post("/v1/chat/completions", openapi_extra=schemas.model_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
-    chunks = await _start(request, [body.to_native()], body.n, manager_of(request).chat_choices)
-    head = _head("chatcmpl", body.model)
+    call = chat_call(body)
+    chunks = await _start(request, call, manager_of(request).chat_choices)
     if not body.stream:
-        return await _whole_chat(head, chunks, body)
-    return StreamingResponse(_chat_events(head, chunks, body), media_type="text/event-stream")
+        return JSONResponse(call.body(await collect_choices_async(chunks, call.answers)))
+    return StreamingResponse(_chat_events(call.head, chunks, body), media_type="text/event-stream")
 
 
 def _chat_message(answer: ChatResponse) -> dict[str, Any]:
@@ -145,11 +178,8 @@ def _chat_message(answer: ChatResponse) -> dict[str, Any]:
     return result
 
 
-async def _whole_chat(head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any]], body: Any) -> JSONResponse:
-    collectors = [AnswerCollector() for _ in range(body.n)]
-    async for index, chunk in chunks:
-        collectors[index].add(chunk)
-    answers = [collector.result() for collector in collectors]
+def chat_completion(head: dict[str, Any], answers: list[ChatResponse], body: ChatCompletionRequest) -> dict[str, Any]:
+    """The `chat.completion` object of the whole answers, one per choice."""
     choices = [
         {
             "index": i,
@@ -159,102 +189,144 @@ async def _whole_chat(head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any
         }
         for i, answer in enumerate(answers)
     ]
-    result = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(answers, [0] * body.n)}
+    result = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(answers, [0] * len(answers))}
     if answers[0].truncated_messages:
         result["truncated_messages"] = answers[0].truncated_messages  # ember: the oldest turns that went
-    return JSONResponse(result)
+    return result
 
 
-async def _chat_events(head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any]], body: Any) -> AsyncIterator[bytes]:
-    chunk_head = {**head, "object": "chat.completion.chunk"}
+class ChatChunks:
+    """Native chat chunks as `chat.completion.chunk` objects: the server-sent events of a streamed chat
+    completion, and the chunks of a streamed queued request."""
 
-    def event(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> bytes:
+    def __init__(self, head: dict[str, Any], n: int, logprobs: bool) -> None:
+        self.head = {**head, "object": "chat.completion.chunk"}
+        self.logprobs = logprobs
+        self.calls_sent = [0] * n  # tool calls numbered by `index` across a choice's chunks
+
+    def event(
+        self, index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
+    ) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return _sse({**chunk_head, "choices": [choice]})
+        return {**self.head, "choices": [choice]}
 
+    def opening(self, index: int) -> dict[str, Any]:
+        return self.event(index, {"role": "assistant", "content": ""})
+
+    def of(self, index: int, chunk: ChatResponse) -> list[dict[str, Any]]:
+        """The events of one native chunk: its reasoning, its text, its whole tool calls, then (the last chunk)
+        the finish reason."""
+        events = []
+        message = chunk.message
+        if message.thinking:
+            events.append(self.event(index, {"reasoning_content": message.thinking}))
+        if message.content or chunk.logprobs:
+            logprobs = chat_logprobs(entries_of(chunk) if self.logprobs else None)
+            events.append(self.event(index, {"content": message.content}, logprobs))
+        if message.tool_calls:  # whole calls, after the text before them
+            first = self.calls_sent[index]
+            self.calls_sent[index] += len(message.tool_calls)
+            calls = [openai_tool_call(call, first + k) for k, call in enumerate(message.tool_calls)]
+            events.append(self.event(index, {"tool_calls": calls}))
+        if chunk.done:
+            events.append(self.event(index, {}, None, _finish_reason(chunk, bool(self.calls_sent[index]))))
+        return events
+
+
+async def _chat_events(
+    head: dict[str, Any], chunks: AsyncIterator[tuple[int, Any]], body: ChatCompletionRequest
+) -> AsyncIterator[bytes]:
+    shaper = ChatChunks(head, body.n, bool(body.logprobs))
     for index in range(body.n):
-        yield event(index, {"role": "assistant", "content": ""})
+        yield _sse(shaper.opening(index))
     finals: list[Any] = [None] * body.n
-    calls_sent = [0] * body.n
     try:
         async for index, chunk in chunks:
-            message = chunk.message
-            if message.thinking:
-                yield event(index, {"reasoning_content": message.thinking})
-            if message.content or chunk.logprobs:
-                logprobs = chat_logprobs(entries_of(chunk) if body.logprobs else None)
-                yield event(index, {"content": message.content}, logprobs)
-            if message.tool_calls:  # whole calls, after the text before them, numbered by `index`
-                first = calls_sent[index]
-                calls_sent[index] += len(message.tool_calls)
-                calls = [openai_tool_call(call, first + k) for k, call in enumerate(message.tool_calls)]
-                yield event(index, {"tool_calls": calls})
+            for event in shaper.of(index, chunk):
+                yield _sse(event)
             if chunk.done:
                 finals[index] = chunk
-                yield event(index, {}, None, _finish_reason(chunk, bool(calls_sent[index])))
     except EmberError as error:
         yield _error_event(error)
         return
     if body.include_usage:
-        yield _sse({**chunk_head, "choices": [], "usage": _usage(finals, [0] * body.n)})
+        yield _sse({**shaper.head, "choices": [], "usage": _usage(finals, [0] * body.n)})
     yield _sse("[DONE]")
 
 
 # --- completions ------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/completions", openapi_extra=schemas.model_body(CompletionRequest))
-async def completions(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
+@dataclass
+class CompletionCall(OpenAICall):
+    """A completions call also knows, for each choice, its prompt's number and the prompt it echoes."""
+
+    prompt_of: list[int]
+    echoes: list[str]
+
+    def offsets(self) -> Offsets:
+        offsets = Offsets(len(self.echoes), 0)  # where each choice's generated text starts
+        offsets.next = [len(echo) for echo in self.echoes]
+        return offsets
+
+
+def completion_call(body: CompletionRequest) -> CompletionCall:
+    """A completions body as native raw generate requests (one per prompt, in order, each with n choices) and its
+    response shape."""
     prompts = body.prompts()
     if body.echo and not all(isinstance(prompt, str) for prompt in prompts):
         raise InvalidRequestError("echo needs text prompts; send the prompt as a string")
-    natives = [body.to_native(prompt) for prompt in prompts]
+    requests = [body.to_native(prompt) for prompt in prompts]
     prompt_of = [number for number in range(len(prompts)) for _ in range(body.n)]  # choice -> its prompt
-    echoes = [prompts[number] if body.echo else "" for number in prompt_of]
-    chunks = await _start(request, natives, body.n, manager_of(request).generate_choices)
-    head = _head("cmpl", body.model)
-    offsets = Offsets(len(prompt_of), 0)  # where each choice's generated text starts
-    offsets.next = [len(echo) for echo in echoes]
+    echoes = [str(prompts[number]) if body.echo else "" for number in prompt_of]
+
+    def respond(answers: list[Any]) -> dict[str, Any]:
+        return text_completion(call, answers, body)
+
+    call = CompletionCall("generate", requests, body.n, _head("cmpl", body.model), respond, prompt_of, echoes)
+    return call
+
+
+@router.post("/v1/completions", openapi_extra=schemas.model_body(CompletionRequest))
+async def completions(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    call = completion_call(body)
+    chunks = await _start(request, call, manager_of(request).generate_choices)
     if not body.stream:
-        return await _whole_completion(head, chunks, body, echoes, prompt_of, offsets)
-    return StreamingResponse(
-        _completion_events(head, chunks, body, echoes, prompt_of, offsets), media_type="text/event-stream"
-    )
+        return JSONResponse(call.body(await collect_choices_async(chunks, call.answers)))
+    return StreamingResponse(_completion_events(call, chunks, body), media_type="text/event-stream")
 
 
-async def _whole_completion(
-    head: dict[str, Any], chunks: Any, body: Any, echoes: list[Any], prompt_of: list[int], offsets: Offsets
-) -> JSONResponse:
-    collectors = [AnswerCollector() for _ in echoes]
-    async for index, chunk in chunks:
-        collectors[index].add(chunk)
-    answers: list[GenerateResponse] = [collector.result() for collector in collectors]
+def text_completion(call: CompletionCall, answers: list[GenerateResponse], body: CompletionRequest) -> dict[str, Any]:
+    """The `text_completion` object of the whole answers, one per choice."""
+    offsets = call.offsets()
     choices = [
         {
             "index": i,
-            "text": echoes[i] + answer.response,
+            "text": call.echoes[i] + answer.response,
             "logprobs": offsets.shape(i, entries_of(answer)) if body.logprobs is not None else None,
             "finish_reason": _finish_reason(answer),
         }
         for i, answer in enumerate(answers)
     ]
-    return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": _usage(answers, prompt_of)})
+    usage = _usage(answers, call.prompt_of)
+    return {**call.head, "object": "text_completion", "choices": choices, "usage": usage}
 
 
 async def _completion_events(
-    head: dict[str, Any], chunks: Any, body: Any, echoes: list[Any], prompt_of: list[int], offsets: Offsets
+    call: CompletionCall, chunks: AsyncIterator[tuple[int, Any]], body: CompletionRequest
 ) -> AsyncIterator[bytes]:
-    chunk_head = {**head, "object": "text_completion"}
+    chunk_head = {**call.head, "object": "text_completion"}
+    offsets = call.offsets()
 
     def event(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> bytes:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return _sse({**chunk_head, "choices": [choice]})
 
-    for index, echo in enumerate(echoes):
+    for index, echo in enumerate(call.echoes):
         if echo:
             yield event(index, echo)
-    finals: list[Any] = [None] * len(echoes)
+    finals: list[Any] = [None] * len(call.echoes)
     try:
         async for index, chunk in chunks:
             if chunk.response or chunk.done or chunk.logprobs:
@@ -266,7 +338,7 @@ async def _completion_events(
         yield _error_event(error)
         return
     if body.include_usage:
-        yield _sse({**chunk_head, "choices": [], "usage": _usage(finals, prompt_of)})
+        yield _sse({**chunk_head, "choices": [], "usage": _usage(finals, call.prompt_of)})
     yield _sse("[DONE]")
 
 
@@ -278,15 +350,8 @@ def _model_card(name: str, created: float) -> dict[str, Any]:
 
 
 def _known_models() -> list[dict[str, Any]]:
-    cards = {str(m.name): _model_card(str(m.name), m.modified) for m in ModelStore().list()}
-    default = f"{DEFAULT_MODEL.name}:latest"
-    if default not in cards:
-        try:
-            path = DEFAULT_MODEL.locate()
-        except EmberError:
-            return list(cards.values())
-        cards[default] = _model_card(default, path.stat().st_mtime)
-    return list(cards.values())
+    # The store lists the bundled default model too (registered when the store is first used).
+    return [_model_card(str(m.name), m.modified) for m in ModelStore().list()]
 
 
 @router.get("/v1/models")

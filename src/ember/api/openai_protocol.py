@@ -3,7 +3,8 @@
 Only the fields a request gives become options, so the model's own defaults (and Ollama's) apply otherwise,
 as Ollama's OpenAI compatibility does. Fields ember does not use (user, service_tier, metadata, store ...) are
 ignored, as Ollama ignores them; the values of the fields it uses are checked, and a bad one is a 400.
-`repeat_penalty`, `top_k` and `min_p` are llama.cpp server's extensions, taken too.
+`repeat_penalty`, `top_k`, `min_p`, `typical_p`, `repeat_last_n` and `mirostat*` are llama.cpp server's
+extensions, taken too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,22 @@ from ember.tools import from_openai_message
 from ember.types import ChatRequest, GenerateRequest, ThinkLevel
 
 TokenIds = list[int]
+# Body fields that are sampling options of the same name.
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "typical_p",
+    "repeat_last_n",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+)
 
 
 class OpenAIBody(BaseModel):
@@ -38,6 +55,13 @@ class OpenAIBody(BaseModel):
     top_k: int | None = Field(None, ge=0, description="llama.cpp server's extension.")
     min_p: float | None = Field(None, ge=0, le=1, description="llama.cpp server's extension.")
     repeat_penalty: float | None = Field(None, gt=0, description="llama.cpp server's extension; 1 turns it off.")
+    # llama.cpp server's other sampling extensions (values are checked with the other sampling options), so a
+    # batch line made by `ember batch --typical ...` means the same on every way in.
+    typical_p: float | None = Field(None, description="llama.cpp server's extension.")
+    repeat_last_n: int | None = Field(None, description="llama.cpp server's extension.")
+    mirostat: int | None = Field(None, description="llama.cpp server's extension: 0 off, 1 or 2.")
+    mirostat_tau: float | None = Field(None, description="llama.cpp server's extension.")
+    mirostat_eta: float | None = Field(None, description="llama.cpp server's extension.")
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"schema"}}.'
     )
@@ -52,11 +76,9 @@ class OpenAIBody(BaseModel):
         options: dict[str, Any] = {}
         if self.max_new_tokens() is not None:
             options["num_predict"] = self.max_new_tokens()
-        for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty"):
+        for name in _SAMPLING_FIELDS:
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
-        if self.repeat_penalty is not None:
-            options["repeat_penalty"] = self.repeat_penalty
         if self.stop is not None:
             options["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         if self.logit_bias:  # token ids are checked with the other sampling options

@@ -28,6 +28,9 @@ Scope = dict[str, Any]
 OPEN_PATHS = frozenset({"/health"})
 # Blob uploads (model files, gigabytes) are streamed to disk, never held in memory: no body size limit there.
 UNLIMITED_BODY_PREFIX = "/api/blobs/"
+# Batch input uploads (multipart, spooled to disk) have their own, larger limit: EMBER_MAX_FILE_BYTES.
+FILE_UPLOAD_PATH = "/v1/files"
+_MULTIPART_OVERHEAD = 1024 * 1024  # the form's other fields and boundaries around the file
 _LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 
 
@@ -42,6 +45,7 @@ class Guard:
         self.app = app
         self.keys = [key.encode() for key in _split(settings.api_keys)]
         self.max_bytes = settings.max_request_bytes
+        self.max_upload_bytes = settings.max_file_bytes + _MULTIPART_OVERHEAD
         bound_host, _ = settings.host_and_port
         self.check_host = bound_to_loopback(bound_host)
         self.allowed_hosts = {host.lower() for host in _split(settings.allowed_hosts)}
@@ -58,10 +62,11 @@ class Guard:
             return
         if scope["type"] == "http" and not scope.get("path", "").startswith(UNLIMITED_BODY_PREFIX):
             length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                await _refuse(scope, send, 413, f"the request body is larger than {self.max_bytes} bytes")
+            limit = self.max_upload_bytes if scope.get("path") == FILE_UPLOAD_PATH else self.max_bytes
+            if length is not None and length.isdigit() and int(length) > limit:
+                await _refuse(scope, send, 413, f"the request body is larger than {limit} bytes")
                 return
-            receive = self._limited(receive, scope, send)
+            receive = self._limited(receive, limit)
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
@@ -76,9 +81,8 @@ class Guard:
                 return 401, "missing or invalid API key: send `Authorization: Bearer <key>`"
         return None
 
-    def _limited(self, receive: Any, scope: Scope, send: Any) -> Any:
+    def _limited(self, receive: Any, limit: int) -> Any:
         received = 0
-        limit = self.max_bytes
 
         async def limited_receive() -> dict[str, Any]:
             nonlocal received

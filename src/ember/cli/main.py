@@ -12,10 +12,13 @@ import sys
 import typer
 
 from ember import __version__
+from ember.cli import batch as batch_command
 from ember.cli import bench as bench_command
 from ember.cli import models as model_commands
 from ember.cli import run as run_command
+from ember.cli import schedule as schedule_commands
 from ember.cli import serving as serving_commands
+from ember.cli import worker as worker_command
 from ember.config import settings
 from ember.errors import EmberError
 
@@ -48,6 +51,9 @@ run_command.register(app)
 model_commands.register(app)
 serving_commands.register(app)
 bench_command.register(app)
+batch_command.register(app)
+worker_command.register(app)
+schedule_commands.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,24 +28,39 @@ def register(app: typer.Typer) -> None:
     app.command("rm")(remove)
 
 
-def _progress(description: str) -> Any:
+def _progress(description: str, digest: str | None = None) -> Any:
     from ember.store.download import rich_progress
 
     return rich_progress(description)
 
 
+def _notice(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 def pull(
-    source: Annotated[str, typer.Argument(help="A .gguf path, an http(s) URL, hf.co/OWNER/REPO[:QUANT], or smollm2.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="An Ollama library name (llama3.2:1b, user/model:tag), a .gguf path, an http(s) URL, "
+            "hf.co/OWNER/REPO[:QUANT], or smollm2."
+        ),
+    ],
     name: Annotated[str | None, typer.Option("--name", help="Name to register the model under.")] = None,
     sha256: Annotated[str | None, typer.Option("--sha256", help="Refuse the file unless it has this digest.")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow http:// for a name with a registry host (host/ns/model:tag).")
+    ] = False,
 ) -> None:
     """Add a model to the store (downloads resume after an interruption)."""
     from ember.store.pull import pull as pull_model
 
     if remote.available():
-        pulled, digest, size = remote.pull(source, name=name, sha256=sha256, progress=_progress)
+        pulled, digest, size = remote.pull(
+            source, name=name, sha256=sha256, insecure=insecure, progress=_progress, notice=_notice
+        )
     else:
-        result = pull_model(source, name=name, sha256=sha256, progress=_progress)
+        result = pull_model(source, name=name, sha256=sha256, insecure=insecure, progress=_progress, status=_notice)
         pulled, digest, size = result.name, result.digest, result.manifest.size
     print(f"pulled {pulled} ({digest[7:19]}, {format_size(size)})", file=sys.stderr)
 

@@ -33,6 +33,8 @@ _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _REMOTE_PREFIXES = ("http://", "https://", "hf.co/", "huggingface.co/")
 
 Progress = Callable[[str], AbstractContextManager[Callable[[int, int | None], None]]]
+# What the server's /api/pull says about every pull; the CLI pulling in-process does not print these either.
+_ROUTINE_PULL_STATUSES = ("pulling manifest", "verifying sha256 digest", "writing manifest", "success")
 
 
 def _headers(settings: Settings) -> dict[str, str]:
@@ -183,8 +185,17 @@ def show(name: str) -> tuple[dict[str, Any], str]:
     return facts, data.get("modelfile", "")
 
 
-def pull(source: str, *, name: str | None, sha256: str | None, progress: Progress) -> tuple[str, str, int]:
-    """Pull through the server, its download progress shown as bars; (name, digest, size) of the model."""
+def pull(
+    source: str,
+    *,
+    name: str | None,
+    sha256: str | None,
+    insecure: bool = False,
+    progress: Progress,
+    notice: Callable[[str], None] = lambda text: None,
+) -> tuple[str, str, int]:
+    """Pull through the server, its download progress shown as bars and its notices passed to `notice`;
+    (name, digest, size) of the model."""
     if not source.lower().startswith(_REMOTE_PREFIXES) and looks_like_path(source):
         path = user_path(source)
         if not path.is_file():
@@ -198,11 +209,12 @@ def pull(source: str, *, name: str | None, sha256: str | None, progress: Progres
             result = request("POST", "/api/create", body)
             return result["model"], result["digest"], int(result["size"])
         source = str(path.absolute())
-    body: dict[str, Any] = {"model": source, "stream": True}
+    body: dict[str, Any] = {"model": source, "stream": True, "insecure": insecure}
     if name is not None:
         body["destination"] = name
     if sha256 is not None:
         body["sha256"] = sha256
+    registered: tuple[str, str, int] | None = None
     with contextlib.ExitStack() as bars:
         reports: dict[str, Callable[[int, int | None], None]] = {}
         for line in stream("/api/pull", body):
@@ -211,8 +223,12 @@ def pull(source: str, *, name: str | None, sha256: str | None, progress: Progres
                 if status not in reports:
                     reports[status] = bars.enter_context(progress(status))
                 reports[status](int(line["completed"]), line.get("total"))
-            elif status == "success":
-                return line["model"], line["digest"], int(line["size"])
+            elif "model_digest" in line:  # ember's addition to "writing manifest": what was registered
+                registered = line["model"], line["model_digest"], int(line["size"])
+            elif status == "success" and registered is not None:
+                return registered
+            elif status not in _ROUTINE_PULL_STATUSES:
+                notice(status)
     raise EmberError("the server ended the pull without saying it succeeded")
 
 

@@ -220,7 +220,7 @@ class Engine:
         """
         wanted = list(sequences)
         for sequence in wanted:
-            self._mailboxes[sequence.id] = deque()
+            self.watch(sequence)
         remaining = {sequence.id for sequence in wanted}
         try:
             while remaining:
@@ -238,6 +238,14 @@ class Engine:
                 if not sequence.done:
                     self.cancel(sequence)
                 self._mailboxes.pop(sequence.id, None)
+
+    def watch(self, sequence: Sequence) -> None:
+        """Keep the sequence's updates for a `run` that starts later.
+
+        A caller that submits in one lock hold and starts `run` in another must call this in the first: a step
+        made in between by another thread's `run` would otherwise drop the sequence's first updates.
+        """
+        self._mailboxes.setdefault(sequence.id, deque())
 
     def _deliver(self, updates: list[SequenceUpdate]) -> None:
         for update in updates:

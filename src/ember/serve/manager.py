@@ -6,6 +6,7 @@ keep_alive afterwards. A model whose load options differ from the loaded one is 
 one is idle; sampling options never cause a reload. A new model that does not fit the memory budget, or
 would pass the maximum number of loaded models, first evicts the least recently used idle model. A load
 that fails for lack of memory is retried down a ladder (fewer GPU layers, CPU only, smaller num_ctx).
+Requests made with `batch=True` (lines of batch jobs) hold at most `batch_slots` of a model's slots at once.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class ModelManager:
         resolve: Callable[[str], ModelSource] = resolve_model,
         limits: Limits | None = None,
         load_timeout: float = 300.0,
+        batch_slots: int | None = None,
     ) -> None:
         self.runner_factory = runner_factory
         self.default_options = dict(default_options or {})
@@ -164,29 +166,47 @@ class ModelManager:
         self.resolve = resolve
         self.limits = limits or Limits()
         self.load_timeout = load_timeout
+        self.batch_slots = batch_slots  # None: all of a model's slots but one
         self.entries: dict[str, LoadedModelEntry] = {}
         self._loading: dict[str, tuple[asyncio.Future[LoadedModelEntry], LoadOptions]] = {}
         self._reserved: dict[str, int] = {}  # estimated bytes of the models being loaded
         self._idle = asyncio.Condition()
 
     # --- requests ------------------------------------------------------------------------------------
+    # `batch=True` marks a batch line's request: it takes a slot in the queue's batch class (EMBER_BATCH_SLOTS).
 
     async def generate(
-        self, request: GenerateRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: GenerateRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[GenerateResponse]:
         """Stream the answer; a request with an empty prompt only loads (or, with keep_alive 0, unloads)."""
-        async for _, chunk in self.generate_choices(request, 1, priority=priority, timeout=timeout):
+        async for _, chunk in self.generate_choices(request, 1, priority=priority, timeout=timeout, batch=batch):
             yield chunk
 
     async def chat(
-        self, request: ChatRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: ChatRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[ChatResponse]:
         """Stream the next assistant message; a request with no messages only loads (or unloads)."""
-        async for _, chunk in self.chat_choices(request, 1, priority=priority, timeout=timeout):
+        async for _, chunk in self.chat_choices(request, 1, priority=priority, timeout=timeout, batch=batch):
             yield chunk
 
     async def generate_choices(
-        self, request: GenerateRequest, n: int, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: GenerateRequest,
+        n: int,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[tuple[int, GenerateResponse]]:
         """`n` completions of one prompt, as (choice index, chunk): the runner prefills the prompt once and the
         others copy its KV (choice i samples with seed + i when a seed is set). One place in the queue."""
@@ -197,11 +217,17 @@ class ModelManager:
                 yield index, loaded
             return
         native = resolved.request
-        async for item in self._serve(resolved, lambda runner: runner.generate_choices(native, n), timeout):
+        async for item in self._serve(resolved, lambda runner: runner.generate_choices(native, n), timeout, batch):
             yield item
 
     async def chat_choices(
-        self, request: ChatRequest, n: int, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: ChatRequest,
+        n: int,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[tuple[int, ChatResponse]]:
         resolved = await self._prepare(request, priority, n)
         if not request.messages:
@@ -210,11 +236,16 @@ class ModelManager:
                 yield index, loaded
             return
         native = resolved.request
-        async for item in self._serve(resolved, lambda runner: runner.chat_choices(native, n), timeout):
+        async for item in self._serve(resolved, lambda runner: runner.chat_choices(native, n), timeout, batch):
             yield item
 
     async def embed(
-        self, request: EmbedRequest, *, priority: str | int | None = None, timeout: float | None = None
+        self,
+        request: EmbedRequest,
+        *,
+        priority: str | int | None = None,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> EmbedResponse:
         """Embeddings of the request's inputs, queued like any request for the model (one slot while it runs);
         no inputs only loads the model (or, with keep_alive 0, unloads it)."""
@@ -228,7 +259,7 @@ class ModelManager:
         async def once(runner: Runner) -> AsyncIterator[EmbedResponse]:
             yield await runner.embed(request)
 
-        results = [result async for result in self._serve(resolved, once, timeout)]
+        results = [result async for result in self._serve(resolved, once, timeout, batch)]
         return results[0]
 
     async def _prepare(self, request: Any, priority: str | int | None, choices: int = 1) -> Resolved[Any]:
@@ -272,6 +303,7 @@ class ModelManager:
         resolved: Resolved[Any],
         start: Callable[[Runner], AsyncIterator[Any]],
         timeout: float | None,
+        batch: bool = False,
     ) -> AsyncIterator[Any]:
         keep_alive = resolved.keep_alive
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -280,7 +312,7 @@ class ModelManager:
         self._cancel_expiry(entry)
         try:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            ticket = await entry.queue.acquire(resolved.priority, timeout=remaining)
+            ticket = await entry.queue.acquire(resolved.priority, timeout=remaining, batch=batch)
             try:
                 async for chunk in start(entry.runner):
                     yield chunk
@@ -406,7 +438,10 @@ class ModelManager:
                 options=options,
                 runner=runner,
                 queue=RequestQueue(
-                    slots=options.num_parallel, max_queued=self.max_queued, aging_seconds=self.aging_seconds
+                    slots=options.num_parallel,
+                    max_queued=self.max_queued,
+                    aging_seconds=self.aging_seconds,
+                    batch_slots=self.batch_slots,
                 ),
                 estimate=estimate,
                 load_note=note,

@@ -4,6 +4,11 @@ Ollama serves a model's requests first come, first served. ember lets a caller m
 LOW; to keep LOW requests from starving under a steady stream of HIGH ones, a waiter's priority improves by
 one class per `aging_seconds` it has waited. Ties go to the earlier arrival.
 
+Batch tickets (lines of a batch job) are a class of their own with a cap, `batch_slots` (default: all slots but
+one): however long batch lines wait or however many there are, they never hold more than the cap at once, so an
+interactive request finds a free slot and keeps its latency while a batch runs. A batch waiter past the cap is
+skipped, not blocking the others: the next free slot goes to the best waiter that may take it.
+
 Threading: a `RequestQueue` belongs to one asyncio event loop and is not thread-safe. Every method must be
 called from that loop's thread; code running elsewhere (an engine thread finishing a sequence) releases
 with `loop.call_soon_threadsafe(queue.release, ticket)`.
@@ -53,12 +58,13 @@ class Ticket:
     Releasing twice is harmless, so a `finally` block may release a ticket that a cleanup path already did.
     """
 
-    __slots__ = ("_queue", "granted_at", "priority", "released")
+    __slots__ = ("_queue", "batch", "granted_at", "priority", "released")
 
-    def __init__(self, queue: RequestQueue, priority: Priority, granted_at: float) -> None:
+    def __init__(self, queue: RequestQueue, priority: Priority, granted_at: float, batch: bool = False) -> None:
         self._queue = queue
         self.priority = priority
         self.granted_at = granted_at
+        self.batch = batch  # counts against the queue's batch_slots
         self.released = False
 
     def release(self) -> None:
@@ -80,6 +86,7 @@ class _Waiter:
     arrived: float
     seq: int
     future: asyncio.Future[Ticket] = field(repr=False)
+    batch: bool = False
 
 
 class RequestQueue:
@@ -100,12 +107,17 @@ class RequestQueue:
         max_queued: int,
         aging_seconds: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        batch_slots: int | None = None,
     ) -> None:
         if max_queued < 0:
             raise ValueError(f"max_queued must be 0 or more, not {max_queued}")
         if not aging_seconds > 0:
             raise ValueError(f"aging_seconds must be positive, not {aging_seconds}")
         self._slots = self._check_slots(slots)
+        if batch_slots is not None and batch_slots < 1:
+            raise ValueError(f"batch_slots must be 1 or more (or None: all slots but one), not {batch_slots}")
+        self._batch_cap = batch_slots
+        self._batch_in_use = 0
         self._max_queued = max_queued
         self._aging = aging_seconds
         self._clock = clock
@@ -127,19 +139,34 @@ class RequestQueue:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, priority: Priority = Priority.NORMAL, *, timeout: float | None = None) -> Ticket:
-        """Wait for a slot and return its ticket; the caller must release it.
+    @property
+    def batch_slots(self) -> int:
+        """The most slots batch tickets may hold at once: the cap given (at most `slots`), else all but one."""
+        if self._batch_cap is None:
+            return max(1, self._slots - 1)
+        return min(self._batch_cap, self._slots)
+
+    @property
+    def batch_in_use(self) -> int:
+        return self._batch_in_use
+
+    async def acquire(
+        self, priority: Priority = Priority.NORMAL, *, timeout: float | None = None, batch: bool = False
+    ) -> Ticket:
+        """Wait for a slot and return its ticket; the caller must release it. `batch` marks a batch line's ticket.
 
         Raises ServerBusyError at once when `max_queued` requests already wait, RequestTimeoutError when
         `timeout` seconds (event-loop time) pass first, and whatever `fail_all` was given. If the waiting task
         is cancelled, or times out, just as a slot was granted to it, the slot goes on to the next waiter.
         """
-        if self._in_use < self._slots and not self._waiters:
-            return self._grant(priority)  # no await on this path: the grant is immediate
+        # Between calls no waiter could take a free slot (_dispatch grants every one that can), so a request
+        # that may take one now jumps nobody: only capped batch waiters can be waiting beside a free slot.
+        if self._may_take_slot(batch):
+            return self._grant(priority, batch)  # no await on this path: the grant is immediate
         if len(self._waiters) >= self._max_queued:
             raise ServerBusyError(self._max_queued, self.retry_after())
         future: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(priority, self._clock(), next(self._seq), future)
+        waiter = _Waiter(priority, self._clock(), next(self._seq), future, batch)
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
@@ -161,11 +188,13 @@ class RequestQueue:
             return
         ticket.released = True
         self._in_use -= 1
+        if ticket.batch:
+            self._batch_in_use -= 1
         self._holds.append(max(0.0, self._clock() - ticket.granted_at))
         self._dispatch()
 
     def set_slots(self, slots: int) -> None:
-        """Change the slot count (the model reloaded with another num_parallel).
+        """Change the slot count (the model reloaded with another num_parallel); the batch cap follows it.
 
         Growing grants waiters at once. Shrinking revokes nothing: held tickets run to completion, and no new
         grant happens until `in_use` falls below the new count.
@@ -214,18 +243,26 @@ class RequestQueue:
         aged = math.floor(max(0.0, now - waiter.arrived) / self._aging)
         return (int(waiter.priority) - aged, waiter.seq)
 
-    def _grant(self, priority: Priority) -> Ticket:
+    def _may_take_slot(self, batch: bool) -> bool:
+        return self._in_use < self._slots and (not batch or self._batch_in_use < self.batch_slots)
+
+    def _grant(self, priority: Priority, batch: bool = False) -> Ticket:
         self._in_use += 1
-        return Ticket(self, priority, self._clock())
+        if batch:
+            self._batch_in_use += 1
+        return Ticket(self, priority, self._clock(), batch)
 
     def _dispatch(self) -> None:
-        """Grant free slots to the best waiters. Synchronous, so `in_use` is always exact."""
-        while self._waiters and self._in_use < self._slots:
+        """Grant free slots to the best waiters that may take one. Synchronous, so the counts are always exact."""
+        while self._in_use < self._slots:
+            eligible = [w for w in self._waiters if self._may_take_slot(w.batch)]
+            if not eligible:
+                return
             now = self._clock()
-            waiter = min(self._waiters, key=lambda w: self._rank(w, now))
+            waiter = min(eligible, key=lambda w: self._rank(w, now))
             self._waiters.remove(waiter)
             if not waiter.future.done():  # a cancelled waiter whose task has not run its cleanup yet
-                waiter.future.set_result(self._grant(waiter.priority))
+                waiter.future.set_result(self._grant(waiter.priority, waiter.batch))
 
     @staticmethod
     def _failed(future: asyncio.Future[Ticket]) -> bool:

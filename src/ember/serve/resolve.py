@@ -53,6 +53,14 @@ class Limits:
                 "(EMBER_MAX_NUM_PREDICT); ask for fewer tokens"
             )
 
+    def check_options(self, options: Mapping[str, Any] | None) -> None:
+        """A request's own options checked before its model is known (a queued message as it arrives, a batch
+        line as it is read): their values, and the caps. A request's options win over every other layer, so
+        what this refuses, `resolve_request` would refuse too."""
+        asked = {k: v for k, v in (options or {}).items() if v is not None}
+        load, sampling = resolve_options(asked)
+        self.check(asked, load, sampling)
+
     def check_n(self, n: int) -> None:
         """OpenAI's `n`: the completions one request asks for (they share one prefill, but each takes a slot)."""
         if n < 1 or (self.max_n is not None and n > self.max_n):

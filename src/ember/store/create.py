@@ -123,18 +123,21 @@ def _adapter_layers(
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
             raise ModelNotFoundError(f"ADAPTER {adapter}: no adapter file at {path}")
-        info = read_gguf(path)
-        if info.metadata.get("general.type") != "adapter":
-            raise InvalidRequestError(
-                f"ADAPTER {adapter} is not a LoRA adapter (general.type is {info.metadata.get('general.type')!r}); "
-                "convert the adapter to GGUF with llama.cpp's convert_lora_to_gguf.py"
-            )
-        if info.architecture != architecture:
-            raise InvalidRequestError(
-                f"ADAPTER {adapter} is for {info.architecture} models, but the base model is {architecture}"
-            )
+        check_adapter(path, architecture, f"ADAPTER {adapter}")
         layers.append((ADAPTER_MEDIA_TYPE, store.blob_from_file(path.resolve(), link=True)))
     return layers
+
+
+def check_adapter(path: Path, architecture: str, what: str) -> None:
+    """Refuse a file that is not a GGUF LoRA adapter for models of `architecture`; `what` names it in errors."""
+    info = read_gguf(path)
+    if info.metadata.get("general.type") != "adapter":
+        raise InvalidRequestError(
+            f"{what} is not a LoRA adapter (general.type is {info.metadata.get('general.type')!r}); "
+            "convert the adapter to GGUF with llama.cpp's convert_lora_to_gguf.py"
+        )
+    if info.architecture != architecture:
+        raise InvalidRequestError(f"{what} is for {info.architecture} models, but the base model is {architecture}")
 
 
 def _inherited(store: ModelStore, base: _Base, media_type: str) -> Layer | None:

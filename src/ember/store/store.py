@@ -10,6 +10,9 @@ the store. Blobs are written to tmp/, fsynced and renamed into place; a manifest
 steps that make blobs visible, write or delete manifests, and collect unreferenced blobs hold one exclusive
 lock (flock on `.lock`), so concurrent processes never see a manifest whose blobs are missing, and a blob is
 removed only when no manifest refers to it.
+
+The bundled default model is registered the first time a store is used, read or written (see
+`ember.store.defaults`): a fresh EMBER_HOME lists it, and a user who removes it does not see it come back.
 """
 
 from __future__ import annotations
@@ -124,6 +127,17 @@ class ModelStore:
         self.manifests = self.root / "manifests"
         self.tmp = self.root / "tmp"
         self.partial = self.root / "partial"
+        self._defaults_checked = False
+
+    def _ensure_defaults(self) -> None:
+        """Register the bundled models in a store that has not had them offered (after that: one small file read
+        per instance). Never called under the lock: registering commits, and commit takes the lock itself."""
+        if self._defaults_checked:
+            return
+        self._defaults_checked = True
+        from ember.store.defaults import register_bundled_models
+
+        register_bundled_models(self)
 
     # --- paths ---------------------------------------------------------------------------------------
 
@@ -227,6 +241,7 @@ class ModelStore:
 
         `layers` pairs a media type with a staged blob or an existing layer (reused from another manifest).
         """
+        self._ensure_defaults()  # a fresh store's first model is the bundled one, whatever the first command
         parsed = _short_name(name if isinstance(name, ModelName) else parse_model_name(name))
         pending = [blob for _, blob in layers if isinstance(blob, PendingBlob)]
         config_blob = self.blob_from_bytes(json.dumps(config, sort_keys=True).encode())
@@ -283,6 +298,10 @@ class ModelStore:
             temp.unlink(missing_ok=True)
 
     def get(self, name: str | ModelName) -> Manifest | None:
+        self._ensure_defaults()
+        return self._get(name)
+
+    def _get(self, name: str | ModelName) -> Manifest | None:
         parsed = _short_name(name if isinstance(name, ModelName) else parse_model_name(name))
         path = self.manifest_path(parsed)
         try:
@@ -295,7 +314,11 @@ class ModelStore:
         return self._parse_manifest(parsed, text, modified)
 
     def require(self, name: str | ModelName) -> Manifest:
-        manifest = self.get(name)
+        self._ensure_defaults()
+        return self._require(name)
+
+    def _require(self, name: str | ModelName) -> Manifest:
+        manifest = self._get(name)
         if manifest is None:
             raise ModelNotFoundError(f"model '{name}' not found; `ember list` shows the models there are")
         return manifest
@@ -311,6 +334,10 @@ class ModelStore:
 
     def list(self) -> list[Manifest]:
         """Every manifest in the store, newest first; damaged ones are skipped (and logged)."""
+        self._ensure_defaults()
+        return self._list()
+
+    def _list(self) -> list[Manifest]:
         manifests = []
         if not self.manifests.is_dir():
             return []
@@ -328,16 +355,18 @@ class ModelStore:
 
     def copy(self, source: str, target: str) -> Manifest:
         target_name = _short_name(parse_model_name(target))  # refuse a bad name before touching anything
+        self._ensure_defaults()
         with self.locked():
-            manifest = self.require(source)
+            manifest = self._require(source)
             copied = Manifest(target_name, manifest.config, manifest.layers, time.time())
             self._replace_manifest(copied)
             return copied
 
     def remove(self, name: str) -> Manifest:
         """Delete a manifest, then every blob no manifest refers to any more."""
+        self._ensure_defaults()  # `ember rm smollm2` as the first command on a fresh home removes it for good
         with self.locked():
-            manifest = self.require(name)
+            manifest = self._require(name)
             path = self.manifest_path(manifest.name)
             path.unlink()
             for folder in (path.parent, path.parent.parent, path.parent.parent.parent):
@@ -348,7 +377,7 @@ class ModelStore:
 
     def _collect_garbage(self) -> None:
         referenced: set[str] = set()
-        for manifest in self.list():
+        for manifest in self._list():
             referenced |= manifest.digests
         for blob in self.blobs.glob("sha256-*"):
             if blob.name.replace("-", ":", 1) not in referenced:

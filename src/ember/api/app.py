@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ember import __version__
 from ember.api.security import install_security
 from ember.config import Settings
+from ember.conversations.store import ConversationStore
+from ember.conversations.turns import ConversationService
 from ember.errors import EmberError, ServerBusyError
 from ember.serve.manager import ModelManager, parse_keep_alive
 
@@ -34,16 +36,23 @@ def create_manager(settings: Settings) -> ModelManager:
     )
 
 
+def create_conversations(settings: Settings, manager: ModelManager) -> ConversationService:
+    store = ConversationStore(settings.home / "ember.db")
+    return ConversationService(store, manager, default_model=settings.default_model)
+
+
 def create_app(settings: Settings | None = None, manager: ModelManager | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.manager = manager or create_manager(settings)
+        app.state.conversations = create_conversations(settings, app.state.manager)
         try:
             yield
         finally:
             await app.state.manager.close()
+            app.state.conversations.close()
 
     app = FastAPI(
         title="ember",
@@ -55,13 +64,25 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     install_security(app, settings)
     _install_error_handlers(app)
 
-    from ember.api import embeddings, native, ollama, ollama_models, openai
+    from ember.api import (
+        conversations,
+        embeddings,
+        native,
+        ollama,
+        ollama_models,
+        openai,
+        openai_conversations,
+        openai_responses,
+    )
 
     app.include_router(ollama.router)
     app.include_router(ollama_models.router)
     app.include_router(openai.router)
     app.include_router(native.router)
     app.include_router(embeddings.router)
+    app.include_router(conversations.router)
+    app.include_router(openai_responses.router)
+    app.include_router(openai_conversations.router)
     return app
 
 

@@ -171,7 +171,8 @@ def test_saved_repl_sessions_are_migrated(tmp_path: Path) -> None:
     store = ConversationStore(path)
     zed = store.find("zed-chat")
     assert (zed.model, zed.system, zed.options, zed.origin) == ("smollm2", "Be kind.", {"temperature": 0}, "repl")
-    assert [(m.role, m.content) for m in store.branch(zed.id)] == [("user", "My name is Zed."), ("assistant", "Hello Zed!")]
+    history = [(m.role, m.content) for m in store.branch(zed.id)]
+    assert history == [("user", "My name is Zed."), ("assistant", "Hello Zed!")]
     assert store.branch(store.find("empty").id) == []
     with sqlite3.connect(path) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

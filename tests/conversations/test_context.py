@@ -55,7 +55,9 @@ def planner(counter: PromptCounter, strategy: str, num_ctx: int, **fields: Any) 
         return len(counter.prompt_tokens(messages))
 
     window = window_for(resolve_model("smollm2"), {}, {"num_ctx": num_ctx, "num_predict": 32})
-    return ContextPlanner(strategy=strategy, settings=ContextSettings(), window=window, count=count, system=SYSTEM, **fields)
+    return ContextPlanner(
+        strategy=strategy, settings=ContextSettings(), window=window, count=count, system=SYSTEM, **fields
+    )
 
 
 def run_turns(counter: PromptCounter, plan_with: ContextPlanner, turns: int) -> list[tuple[ContextPlan, list[int]]]:
@@ -153,7 +155,9 @@ def test_selective_keeps_the_relevant_early_fact(counter: PromptCounter, tmp_pat
     texts = ["My bicycle is painted bright orange.", "Orange is a fine colour for a bicycle."]
     for n in range(24):
         texts += [f"Turn {n}: what will the weather be on day {n}?", f"On day {n} it will be {WEATHER[n % 8]}."]
-    stored = store.append(conversation.id, None, [NewMessage(["user", "assistant"][i % 2], t) for i, t in enumerate(texts)])
+    stored = store.append(
+        conversation.id, None, [NewMessage(["user", "assistant"][i % 2], t) for i, t in enumerate(texts)]
+    )
     history = [
         Entry(id=m.id, message=m.to_native(), tokens=counter.message_tokens(m.to_native()), pinned=i == 2)
         for i, m in enumerate(stored)

@@ -118,8 +118,10 @@ class ConversationService:
     async def _turn(self, request: TurnRequest) -> AsyncIterator[ChatResponse | TurnResult]:
         conversation, path = await asyncio.to_thread(self._branch, request)
         parent_id = path[-1].id if path else None
-        if not path and not request.new_messages:
-            raise InvalidRequestError("the conversation has no messages to answer; send a message")
+        if not request.new_messages and (not path or path[-1].role == "assistant"):
+            raise InvalidRequestError(
+                "nothing to answer: send a message" + (", or regenerate the last answer" if path else "")
+            )
         model = request.model or conversation.model or self.default_model
         source, counter = await self.source(model)
         options = {**conversation.options, **request.options}

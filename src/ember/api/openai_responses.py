@@ -87,7 +87,7 @@ class _Turn:
             new_messages=messages,
             parent_id=parent,
             model=self.model,
-            options=body.options(),
+            options=body.native_options(),
             format=body.native_format(),
             tools=body.native_tools(),
             tool_choice=body.native_tool_choice(),

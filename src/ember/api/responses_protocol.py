@@ -73,14 +73,17 @@ class ResponseCreate(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     metadata: dict[str, str] | None = None
     background: bool | None = None
+    options: dict[str, Any] | None = Field(
+        None, description="ember's addition: load and sampling options (Ollama's names), under the fields above."
+    )
 
     def conversation_id(self) -> str | None:
         if isinstance(self.conversation, ConversationRef):
             return self.conversation.id
         return self.conversation
 
-    def options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {}
+    def native_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = dict(self.options or {})
         if self.max_output_tokens is not None:
             options["num_predict"] = self.max_output_tokens
         if self.temperature is not None:

@@ -169,4 +169,4 @@ def test_selective_keeps_the_relevant_early_fact(counter: PromptCounter, tmp_pat
     assert plan.prompt_tokens <= plan.window.budget and plan.dropped
     assert "bright orange" in prompt and "Turn 0:" in prompt  # relevant, and pinned
     assert prompt.index("bright orange") < prompt.index("Turn 0:") < prompt.index("What colour")  # original order
-    assert "day 3 it will be" not in prompt
+    assert "day 21 it will be" in prompt and "day 3 it will be" not in prompt  # the room left: the recent ones

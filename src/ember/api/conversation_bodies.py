@@ -47,7 +47,7 @@ class ConversationCreate(BaseModel):
     system: str | None = Field(None, max_length=1_000_000, description="The system prompt, kept in every prompt.")
     options: dict[str, Any] | None = Field(None, description="Load and sampling options for every turn.")
     strategy: Strategy = Field("sliding", description="What to do when the conversation outgrows num_ctx.")
-    context: ContextSettings | None = None
+    context_settings: ContextSettings | None = None
     metadata: dict[str, Any] | None = None
     messages: list[MessageIn] = Field(default_factory=list, max_length=100_000, description="A history to start with.")
     origin: Literal["api", "repl"] = Field("api", description="Who started it (the REPL says so).")
@@ -63,7 +63,7 @@ class ConversationUpdate(BaseModel):
     system: str | None = Field(None, max_length=1_000_000, description='"" removes the system prompt.')
     options: dict[str, Any] | None = None
     strategy: Strategy | None = None
-    context: ContextSettings | None = None
+    context_settings: ContextSettings | None = None
     metadata: dict[str, Any] | None = None
 
 

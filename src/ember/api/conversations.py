@@ -43,6 +43,8 @@ from ember.conversations.store import ConversationStore, NewMessage
 from ember.conversations.transfer import ConversationDocument, export_conversation, import_conversation
 from ember.conversations.turns import ConversationService, TurnRequest, TurnResult
 from ember.errors import EmberError, InvalidRequestError
+from ember.options import resolve_options
+from ember.store.resolve import resolve_model
 from ember.types import ChatResponse
 
 router = APIRouter()
@@ -122,18 +124,26 @@ def _ndjson(events: AsyncIterator[ChatResponse | TurnResult]) -> StreamingRespon
 # --- conversations -------------------------------------------------------------------------------------
 
 
+def check_options(request: Request, options: dict[str, Any] | None) -> None:
+    """A conversation's options are checked when they are given, not at its first turn."""
+    check_caps(request, options)
+    resolve_options(options)
+
+
 @router.post("/api/conversations")
 async def create(request: Request, body: ConversationCreate) -> dict[str, Any]:
-    check_caps(request, body.options)
+    check_options(request, body.options)
+    model = body.model or request.app.state.settings.default_model
+    await asyncio.to_thread(resolve_model, model)  # an unknown model is a 404 now, not at the first turn
     store = store_of(request)
     conversation = await asyncio.to_thread(
         store.create,
-        model=body.model or request.app.state.settings.default_model,
+        model=model,
         title=body.title,
         system=body.system,
         options=body.options,
         strategy=body.strategy,
-        context=body.context.model_dump(exclude_defaults=True) if body.context else None,
+        context=body.context_settings.model_dump(exclude_defaults=True) if body.context_settings else None,
         metadata=body.metadata,
         origin=body.origin,
         messages=[message.to_new() for message in body.messages],
@@ -160,6 +170,7 @@ async def listing(
 
 @router.post("/api/conversations/import")
 async def import_document(request: Request, body: ConversationDocument) -> dict[str, Any]:
+    check_options(request, body.conversation.options)
     store = store_of(request)
     conversation_id = await asyncio.to_thread(import_conversation, store, body)
     conversation, path = await asyncio.to_thread(store.conversation_and_path, conversation_id)
@@ -181,11 +192,14 @@ async def get(request: Request, conversation_id: str, view: Literal["path", "tre
 
 @router.patch("/api/conversations/{conversation_id}")
 async def update(request: Request, conversation_id: str, body: ConversationUpdate) -> dict[str, Any]:
-    check_caps(request, body.options)
+    check_options(request, body.options)
+    if body.model:
+        await asyncio.to_thread(resolve_model, body.model)
     store = store_of(request)
     fields = body.model_dump(exclude_unset=True)
-    if "context" in fields and body.context is not None:
-        fields["context"] = body.context.model_dump(exclude_defaults=True)
+    settings = fields.pop("context_settings", None)
+    if settings is not None and body.context_settings is not None:
+        fields["context"] = body.context_settings.model_dump(exclude_defaults=True)
     conversation = await asyncio.to_thread(store.update, conversation_id, **fields)
     return conversation_json(conversation, await asyncio.to_thread(store.branch, conversation_id))
 

@@ -54,7 +54,9 @@ class _Turn:
         self.body = body
         self.service = _service(request)
         self.store: ConversationStore = self.service.store
-        self.model = body.model or request.app.state.settings.default_model
+        if not body.model:
+            raise InvalidRequestError("name a model in the request's `model` field")
+        self.model = body.model
         self.response_id = new_id("resp")
         self.answer_id = new_id("msg")
         self.created_at = time.time()

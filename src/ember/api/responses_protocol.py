@@ -56,7 +56,7 @@ class ResponseCreate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, max_length=200)
+    model: str = Field(max_length=200, description="The model that answers (as for /v1/chat/completions).")
     input: str | list[dict[str, Any]] = Field("", description="Text, or a list of input items.")
     instructions: str | None = Field(None, max_length=1_000_000, description="This response's system prompt.")
     previous_response_id: str | None = Field(None, max_length=100)

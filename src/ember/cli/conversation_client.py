@@ -89,7 +89,7 @@ class LocalConversations:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ember-conversations", daemon=True)
         self._thread.start()
-        self.manager = ModelManager(default_options={"num_parallel": 1}, keep_alive=-1, max_loaded=1)
+        self.manager = ModelManager(default_options={"num_parallel": 1}, keep_alive=None, max_loaded=1)
         self.service = ConversationService(
             ConversationStore(settings.home / "ember.db"), self.manager, default_model=settings.default_model
         )

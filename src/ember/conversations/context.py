@@ -10,7 +10,8 @@ fits, every strategy sends all of it. Past that:
   a summary message and sent inside the system message. It folds when the prompt reaches SUMMARIZE_AT of the
   budget, down to SUMMARIZE_TO: large, rare steps, so the prefix stays stable between them.
 - `selective` keeps pins and the last messages, then fills up to SELECT_TO of the budget with the older
-  messages most relevant to the new one (BM25 from the FTS5 index, or embeddings), in their original order.
+  messages most relevant to the new one (BM25 from the FTS5 index, or embeddings), then with the most recent
+  of the rest, all in their original order.
 - `none` refuses with the numbers.
 
 Choices are made with cached per-message estimates; the prompt finally chosen is always counted exactly (the
@@ -317,7 +318,10 @@ class ContextPlanner:
         others = [entry for entry in entries[:protected] if not entry.pinned]
         query = " ".join(entry.message.content for entry in entries[self._last_turn(entries) :])
         scores = await self.rank(others, query) if self.rank is not None and others else {}
-        ranked = sorted((entry for entry in others if scores.get(entry.id, 0) > 0), key=lambda e: -scores[e.id])
+        relevant = sorted((entry for entry in others if scores.get(entry.id, 0) > 0), key=lambda e: -scores[e.id])
+        # The room the relevant messages leave goes to the most recent others, so little is left unused.
+        recent = [entry for entry in reversed(others) if scores.get(entry.id, 0) <= 0]
+        ranked = relevant + recent
         picked: list[Entry] = []
         estimate, target = base_tokens, SELECT_TO * self.window.budget
         for entry in ranked:
@@ -327,7 +331,7 @@ class ContextPlanner:
         keep = {id(entry) for entry in base + picked}
         chosen = [entry for entry in entries if id(entry) in keep]
         tokens = await self._counted(head, chosen)
-        while tokens > self.window.budget and picked:  # estimates were low: give up the least relevant
+        while tokens > self.window.budget and picked:  # estimates were low: give up the last picked
             dropped = picked.pop()
             chosen = [entry for entry in chosen if entry is not dropped]
             tokens = await self._counted(head, chosen)

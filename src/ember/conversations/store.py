@@ -72,9 +72,20 @@ def default_path() -> Path:
     return Settings().home / "ember.db"
 
 
+# Words too common to say what a message is about: left out of relevance queries (any_word), where every
+# message containing "what" or "is" would otherwise count as related.
+_STOPWORDS = frozenset(
+    "a an and are as at be but by can could did do does for from had has have he her his how i if in is it its "
+    "me my no not of on or our she so that the their them then there these they this to up us was we were what "
+    "when where which who why will with would you your".split()
+)
+
+
 def fts_query(text: str, *, any_word: bool) -> str | None:
     """A safe FTS5 query from free text: each word quoted (no operators reach FTS5), all or any of them."""
     words = list(dict.fromkeys(word.lower() for word in _WORD.findall(text)))[:64]
+    if any_word:
+        words = [word for word in words if word not in _STOPWORDS] or words
     if not words:
         return None
     return (" OR " if any_word else " ").join('"' + word.replace('"', '""') + '"' for word in words)

@@ -15,8 +15,7 @@ from ember.types import ChatRequest, Message
 log = logging.getLogger(__name__)
 
 INSTRUCTIONS = (
-    "You keep a running summary of a conversation. Rewrite the summary so that it also covers the new part of "
-    "the conversation. Keep names, facts, numbers, decisions and open questions; leave out greetings. "
+    "Update the summary of a conversation with its new part. Keep names, facts, numbers and decisions. "
     "Write only the summary, in a few short sentences."
 )
 

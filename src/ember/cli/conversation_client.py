@@ -29,6 +29,7 @@ class ConversationClient(Protocol):
     ) -> Iterator[dict[str, Any]]: ...
     def context(self, conversation_id: str) -> dict[str, Any]: ...
     def facts(self, model: str) -> dict[str, Any]: ...
+    def load(self, model: str, load: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -70,6 +71,9 @@ class RemoteConversations:
 
     def facts(self, model: str) -> dict[str, Any]:
         return remote.show(model)[0]
+
+    def load(self, model: str, load: dict[str, Any]) -> None:
+        remote.load(model, load)
 
     def close(self) -> None:
         pass
@@ -183,6 +187,16 @@ class LocalConversations:
         facts["template"] = facts["template"] or counter.prompts.template_source
         return facts
 
+    def load(self, model: str, load: dict[str, Any]) -> None:
+        """Load the model now (as the server's client does), so the first answer does not wait for it."""
+        from ember.types import ChatRequest
+
+        async def load_only() -> None:
+            async for _ in self.manager.chat(ChatRequest(model=model, options=load)):
+                pass
+
+        self._run(load_only)
+
     def close(self) -> None:
         try:
             self._run(self.manager.close)
@@ -199,7 +213,10 @@ def open_client(model: str, load: dict[str, Any]) -> tuple[ConversationClient, s
         served = remote.load(model, load)
         if served is not None:
             return RemoteConversations(), served
-    from ember.store.resolve import resolve_model
-
-    resolve_model(model)  # an unknown model fails now, not at the first message
-    return LocalConversations(), model
+    client = LocalConversations()
+    try:
+        client.load(model, load)  # an unknown or damaged model fails now, not at the first message
+    except BaseException:
+        client.close()
+        raise
+    return client, model

@@ -267,7 +267,9 @@ class Repl:
         if name in LOAD_OPTION_NAMES:
             load = {**self.load, name: value}
             resolve_options(load, self.sampling)
-            self.load = load  # the next answer loads the model with it
+            if load != self.load:
+                self.client.load(self.model, load)
+                self.load = load
         else:
             sampling = {**self.sampling, name: value}
             resolve_options(self.load, sampling)
@@ -339,8 +341,10 @@ class Repl:
         load = {k: v for k, v in options.items() if k in LOAD_OPTION_NAMES}
         sampling = {k: v for k, v in options.items() if k not in LOAD_OPTION_NAMES}
         resolve_options(load, sampling)
-        self.load, self.sampling, self.system = load, sampling, conversation.get("system")
-        self.model = conversation.get("model") or self.model
+        model = conversation.get("model") or self.model
+        if (model, load) != (self.model, self.load):
+            self.client.load(model, load)
+        self.load, self.sampling, self.system, self.model = load, sampling, conversation.get("system"), model
         self._adopt(data)
         label = f"'{self.title}' ({self.conversation_id})" if self.title else str(self.conversation_id)
         self.say(f"Loaded conversation {label}: {self.model}, {self.message_count} messages.")

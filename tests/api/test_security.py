@@ -124,10 +124,8 @@ def test_oversized_and_malformed_bodies_get_clear_errors(open_client: TestClient
         "/v1/chat/completions", json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
     )
     assert openai_missing.status_code == 404 and openai_missing.json()["error"]["message"]
-    for route, body in (
-        ("/api/generate", {"model": "~nosuchuser/x.gguf", "prompt": "x"}),
-        ("/api/detokenize", {"model": "~nosuchuser/x", "tokens": [1]}),
-    ):
+    for route, body in (("/api/generate", {"model": "~nosuchuser/x.gguf", "prompt": "x"}),
+                        ("/api/detokenize", {"model": "~nosuchuser/x", "tokens": [1]})):
         unknown_home = open_client.post(route, json=body)  # found by schemathesis: once a 500
         assert unknown_home.status_code == 404 and "home folder" in unknown_home.json()["error"]
     no_route = open_client.get("/api/nothing-here")

@@ -119,7 +119,7 @@ def test_pins_and_token_counts(store: ConversationStore) -> None:
 def test_bm25_relevance_ranks_matching_messages(store: ConversationStore) -> None:
     conversation = store.create(model="m")
     ids = chain(store, conversation.id, "my dog is called Rex", "nice", "the weather is cold", "brr")
-    scores = store.relevance(ids, "what is the name of my dog?")
+    scores = store.index.relevance(ids, "what is the name of my dog?")
     assert ids[0] in scores and scores[ids[0]] > scores.get(ids[2], 0) and ids[1] not in scores
 
 

@@ -73,7 +73,7 @@ class _Turn:
         parent: str | None = ACTIVE
         ephemeral = None
         if body.previous_response_id:
-            conversation_id, _, output_ids, _ = self.store.response(body.previous_response_id)
+            conversation_id, _, output_ids, _ = self.store.responses.get(body.previous_response_id)
             parent = output_ids[-1] if output_ids else ACTIVE
         elif self.named_conversation:
             conversation_id = self.store.get(self.named_conversation).id
@@ -134,7 +134,7 @@ class _Turn:
                 item["status"] = "incomplete"
         data = self.response(status, output, result)
         if self.body.store:
-            self.store.save_response(
+            self.store.responses.save(
                 self.response_id, result.conversation.id, [m.id for m in result.added], [result.answer.id], data
             )
         return data
@@ -245,13 +245,13 @@ def _part(text: str) -> dict[str, Any]:
 
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(request: Request, response_id: str) -> dict[str, Any]:
-    _, _, _, body = await asyncio.to_thread(_service(request).store.response, response_id)
+    _, _, _, body = await asyncio.to_thread(_service(request).store.responses.get, response_id)
     return body
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
-    await asyncio.to_thread(_service(request).store.delete_response, response_id)
+    await asyncio.to_thread(_service(request).store.responses.delete, response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
@@ -266,7 +266,7 @@ async def input_items(
     store = _service(request).store
 
     def items() -> list[dict[str, Any]]:
-        conversation_id, input_ids, _, _ = store.response(response_id)
+        conversation_id, input_ids, _, _ = store.responses.get(response_id)
         found = []
         for message_id in input_ids:
             try:

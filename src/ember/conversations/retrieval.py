@@ -34,11 +34,11 @@ class Ranker:
     async def __call__(self, entries: list[Entry], query: str) -> dict[str, float]:
         if self.embedding_model and self.embed is not None:
             return await self._by_embeddings(entries, query)
-        return await asyncio.to_thread(self.store.relevance, [entry.id for entry in entries], query)
+        return await asyncio.to_thread(self.store.index.relevance, [entry.id for entry in entries], query)
 
     async def _by_embeddings(self, entries: list[Entry], query: str) -> dict[str, float]:
         model = self.embedding_model or ""
-        known = await asyncio.to_thread(self.store.embeddings, [entry.id for entry in entries], model)
+        known = await asyncio.to_thread(self.store.index.embeddings, [entry.id for entry in entries], model)
         missing = [entry for entry in entries if entry.id not in known and entry.message.content.strip()]
         texts = [query] + [entry.message.content for entry in missing]
         response = await self.embed(
@@ -48,7 +48,7 @@ class Ranker:
         vectors = dict(known)
         new = {entry.id: vector for entry, vector in zip(missing, fresh, strict=True)}
         if new:
-            await asyncio.to_thread(self.store.save_embeddings, model, new)
+            await asyncio.to_thread(self.store.index.save_embeddings, model, new)
         vectors.update(new)
         return {entry_id: cosine(query_vector, vector) for entry_id, vector in vectors.items()}
 

@@ -13,7 +13,6 @@ of message contents (kept in step by triggers).
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.conversations.db import Database, new_id, now
+from ember.conversations.index import MessageIndex, fts_query
 from ember.conversations.records import (
     Conversation,
     ConversationNotFoundError,
@@ -30,6 +30,7 @@ from ember.conversations.records import (
     check_strategy,
     context_settings,
 )
+from ember.conversations.responses import ResponseRecords
 from ember.errors import InvalidRequestError
 
 _MESSAGE_COLUMNS = (
@@ -41,7 +42,6 @@ _CONVERSATION_COLUMNS = (
     "created_at, updated_at"
 )
 _ROLES = ("system", "user", "assistant", "tool")
-_WORD = re.compile(r"\w+", re.UNICODE)
 MAX_TITLE = 200
 
 
@@ -72,92 +72,11 @@ def default_path() -> Path:
     return Settings().home / "ember.db"
 
 
-# Words too common to say what a message is about: left out of relevance queries (any_word), where every
-# message containing "what" or "is" would otherwise count as related.
-_STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "be",
-        "but",
-        "by",
-        "can",
-        "could",
-        "did",
-        "do",
-        "does",
-        "for",
-        "from",
-        "had",
-        "has",
-        "have",
-        "he",
-        "her",
-        "his",
-        "how",
-        "i",
-        "if",
-        "in",
-        "is",
-        "it",
-        "its",
-        "me",
-        "my",
-        "no",
-        "not",
-        "of",
-        "on",
-        "or",
-        "our",
-        "she",
-        "so",
-        "that",
-        "the",
-        "their",
-        "them",
-        "then",
-        "there",
-        "these",
-        "they",
-        "this",
-        "to",
-        "up",
-        "us",
-        "was",
-        "we",
-        "were",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "why",
-        "will",
-        "with",
-        "would",
-        "you",
-        "your",
-    ]
-)
-
-
-def fts_query(text: str, *, any_word: bool) -> str | None:
-    """A safe FTS5 query from free text: each word quoted (no operators reach FTS5), all or any of them."""
-    words = list(dict.fromkeys(word.lower() for word in _WORD.findall(text)))[:64]
-    if any_word:
-        words = [word for word in words if word not in _STOPWORDS] or words
-    if not words:
-        return None
-    return (" OR " if any_word else " ").join('"' + word.replace('"', '""') + '"' for word in words)
-
-
 class ConversationStore:
     def __init__(self, path: str | Path | None = None) -> None:
         self.db = Database(path if path is not None else default_path())
+        self.responses = ResponseRecords(self.db)
+        self.index = MessageIndex(self.db)
 
     @property
     def path(self) -> Path:
@@ -536,7 +455,7 @@ class ConversationStore:
             self._insert(db, fork_id, None, [_copy(message) for message in branch], stamp)
             return self._conversation(db, fork_id)
 
-    # --- summaries, relevance, embeddings ------------------------------------------------------------
+    # --- summaries ----------------------------------------------------------------------------------
 
     def add_summary(self, conversation_id: str, content: str, info: dict[str, Any]) -> StoredMessage:
         stamp = now()
@@ -570,67 +489,6 @@ class ConversationStore:
                 (message_id, conversation_id),
             ).fetchone()
         return _message(row) if row is not None else None
-
-    def relevance(self, message_ids: Sequence[str], text: str) -> dict[str, float]:
-        """BM25 relevance (higher is better) of the given messages to any word of `text`."""
-        match = fts_query(text, any_word=True)
-        if match is None or not message_ids:
-            return {}
-        marks = ", ".join("?" * len(message_ids))
-        with self.db.connect() as db:
-            rows = db.execute(
-                "SELECT m.id, bm25(messages_fts) FROM messages_fts JOIN messages m ON m.rowid = messages_fts.rowid "
-                f"WHERE messages_fts MATCH ? AND m.id IN ({marks})",
-                (match, *message_ids),
-            ).fetchall()
-        return {message_id: -score for message_id, score in rows}  # FTS5's bm25() is lower for better matches
-
-    def embeddings(self, message_ids: Sequence[str], model: str) -> dict[str, list[float]]:
-        if not message_ids:
-            return {}
-        marks = ", ".join("?" * len(message_ids))
-        with self.db.connect() as db:
-            rows = db.execute(
-                f"SELECT message_id, vector FROM message_embeddings WHERE model = ? AND message_id IN ({marks})",
-                (model, *message_ids),
-            ).fetchall()
-        return {message_id: json.loads(vector) for message_id, vector in rows}
-
-    def save_embeddings(self, model: str, vectors: dict[str, list[float]]) -> None:
-        with self.db.transaction() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO message_embeddings (message_id, model, vector) VALUES (?, ?, ?)",
-                [(message_id, model, json.dumps(vector)) for message_id, vector in vectors.items()],
-            )
-
-    # --- responses (the Responses API's records) -----------------------------------------------------
-
-    def save_response(
-        self, response_id: str, conversation_id: str, input_ids: list[str], output_ids: list[str], body: dict[str, Any]
-    ) -> None:
-        with self.db.transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO responses (id, conversation_id, input_ids, output_ids, body, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (response_id, conversation_id, json.dumps(input_ids), json.dumps(output_ids), json.dumps(body), now()),
-            )
-
-    def response(self, response_id: str) -> tuple[str, list[str], list[str], dict[str, Any]]:
-        """(conversation id, input message ids, output message ids, the response as returned)."""
-        check_id(response_id, "resp", "response")
-        with self.db.connect() as db:
-            row = db.execute(
-                "SELECT conversation_id, input_ids, output_ids, body FROM responses WHERE id = ?", (response_id,)
-            ).fetchone()
-        if row is None:
-            raise ConversationNotFoundError(f"no stored response {response_id!r}")
-        return row[0], json.loads(row[1]), json.loads(row[2]), json.loads(row[3])
-
-    def delete_response(self, response_id: str) -> None:
-        check_id(response_id, "resp", "response")
-        with self.db.transaction() as db:
-            if db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount == 0:
-                raise ConversationNotFoundError(f"no stored response {response_id!r}")
 
     # --- internals -----------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -370,6 +371,9 @@ class _AnswerWriter:
         self.final: ChatResponse | None = None
         self._unwritten = 0
         self._last_write = time.monotonic()
+        # A write of the text so far may still be running in a worker thread when the stream is abandoned; the
+        # lock makes the abandoning write come after it, so the answer ends marked incomplete.
+        self._lock = threading.RLock()
 
     @property
     def text(self) -> str:
@@ -398,11 +402,12 @@ class _AnswerWriter:
     def write(self, status: str, info: dict[str, Any] | None) -> None:
         if self.store is None:
             return
-        self.store.write_answer(
-            self.answer.id, content=self.text, status=status, tool_calls=self.calls or None, info=info
-        )
-        self._unwritten = 0
-        self._last_write = time.monotonic()
+        with self._lock:
+            self.store.write_answer(
+                self.answer.id, content=self.text, status=status, tool_calls=self.calls or None, info=info
+            )
+            self._unwritten = 0
+            self._last_write = time.monotonic()
 
     def abandon(self) -> None:
         """The stream ended without its final chunk (client gone, cancelled, failed). Written at once, without
@@ -410,10 +415,11 @@ class _AnswerWriter:
         if self.store is None:
             return
         try:
-            if self.text or self.calls:
-                self.write("incomplete", {**self.answer.info, "done_reason": "cancelled"})
-            else:
-                self.store.remove_message(self.answer.conversation_id, self.answer.id)
+            with self._lock:
+                if self.text or self.calls:
+                    self.write("incomplete", {**self.answer.info, "done_reason": "cancelled"})
+                else:
+                    self.store.remove_message(self.answer.conversation_id, self.answer.id)
         except Exception:
             log.exception("could not keep the partial answer %s", self.answer.id)
 

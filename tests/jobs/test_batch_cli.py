@@ -56,7 +56,7 @@ def test_a_failing_line_is_recorded_and_the_rest_go_on_then_retry_failed(tmp_pat
     requests.write_text(
         "".join(
             json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n"
-            for cid, body in (("good", good), ("bad", bad), ("also-good", good))
+            for cid, body in (("good", good), ("bad", bad), ("also-good", {**good, "n": 2}))
         )
     )
     out = tmp_path / "out.jsonl"
@@ -67,6 +67,10 @@ def test_a_failing_line_is_recorded_and_the_rest_go_on_then_retry_failed(tmp_pat
     assert failed["status_code"] == 400 and "temperature" in failed["body"]["error"]["message"]
     assert failed["body"]["error"]["type"] == "invalid_request_error"
     assert lines["good"]["response"]["status_code"] == 200
+    two = lines["also-good"]["response"]["body"]  # n = 2 in this process: two choices of one prompt
+    assert [choice["index"] for choice in two["choices"]] == [0, 1]
+    assert all(choice["message"]["content"].strip() for choice in two["choices"])
+    assert two["usage"]["prompt_tokens"] == lines["good"]["response"]["body"]["usage"]["prompt_tokens"]  # once
     assert "2 of 3 line(s) succeeded, 1 failed" in capsys.readouterr().err
     assert main(["batch", str(requests), "-o", str(out), "-c", "512", "--retry-failed"]) == 2  # fails again
     journal = read_jsonl(out.with_name("out.jsonl.journal"))[1:]

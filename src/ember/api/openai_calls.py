@@ -2,8 +2,8 @@
 
 A batch line (or a queued message) is the body of a request to one of the OpenAI routes. `native_call` reads it
 with that route's protocol model (openai_protocol.py), so it is checked exactly as the route checks it, and
-returns the route's own `OpenAICall`: the native requests to run (one per choice when n > 1) and the shape
-that turns their whole answers (collected with `ember.collect`) into the very body the route would return.
+returns the route's own `OpenAICall`: the native requests to run (one per prompt, each with its n choices) and the
+shape that turns their whole answers (collected with `ember.collect`) into the very body the route would return.
 So there is one translation, whichever way a request comes in.
 
 Batch jobs get `native_call` passed in (`translate`), so that the jobs layer does not reach up into the API.

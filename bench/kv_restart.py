@@ -5,7 +5,8 @@ Each run: a fresh EMBER_HOME; `ember serve` starts; a conversation is made whose
 message (about --tokens prompt tokens) answered with a few tokens; the server stops (SIGTERM, as a user or
 systemd stops it) and starts again; the next turn's time to first token is measured, streamed, through
 /api/conversations/{id}/chat. With EMBER_KV_CACHE_DISK the first turn's KV is restored from disk; without it,
-the whole conversation is prefilled again. "Cold" is the first turn of the same conversation, on a server that
+the whole conversation is prefilled again. The model is loaded (a one-token request) before each timed turn,
+so a TTFT is the prompt's alone. "Cold" is the first turn of the same conversation, on a server that
 has never seen it. Medians over --runs; the ratios are what to read.
 
     .venv/bin/python bench/kv_restart.py [--tokens 2000] [--runs 3] [--json]
@@ -92,12 +93,21 @@ def turn(base: str, conversation: str, content: str) -> tuple[float, dict[str, A
     return (first if first is not None else time.perf_counter() - started), final
 
 
+def load_model(base: str, options: dict[str, Any]) -> None:
+    """Load the model with the conversation's options (a one-token answer), so TTFT is the prompt's alone."""
+    body = {"model": "smollm2", "prompt": "Hi", "stream": False, "options": {**options, "num_predict": 1}}
+    httpx.post(f"{base}/api/generate", json=body, timeout=600).raise_for_status()
+
+
 def one_run(tokens: int, disk_bytes: int, options: dict[str, Any]) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="ember-kv-bench-") as home:
         with server(home, disk_bytes) as base:
-            created = httpx.post(f"{base}/api/conversations", json={"options": options}, timeout=60).json()
+            response = httpx.post(f"{base}/api/conversations", json={"options": options}, timeout=60)
+            created = response.raise_for_status().json()["conversation"]
+            load_model(base, options)
             cold, final = turn(base, created["id"], long_message(tokens))
         with server(home, disk_bytes) as base:
+            load_model(base, options)
             warm, final = turn(base, created["id"], "And what froze?")
         cached = float(final.get("prompt_cached_count", 0) or 0)
         return {"cold_ttft": cold, "next_ttft": warm, "cached": cached, "prompt": float(final["prompt_eval_count"])}

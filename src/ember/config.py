@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         description="Bytes of host RAM per loaded model for the KV of conversations whose slot was reused "
         "(LRU); default a quarter of the available memory, at most 8 GiB; 0 disables it.",
     )
+    kv_cache_disk: int = Field(
+        0,
+        ge=0,
+        description="Bytes of disk per model (under EMBER_HOME/kv) for the KV its slots and host RAM held when it "
+        "unloaded, restored when a conversation comes back after a restart; 0 (the default) turns it off.",
+    )
     load_timeout: float = Field(300.0, gt=0, description="Seconds a model may take to load before the load fails.")
     registry: str = Field(
         "https://registry.ollama.ai",

@@ -16,6 +16,7 @@ from typing import Any
 from ember.config import settings
 from ember.embeddings import Embedder, EmbedJob
 from ember.engine.engine import Engine
+from ember.engine.kv_disk import DiskCache, cache_key
 from ember.engine.llamacpp import LlamaModel
 from ember.engine.sequence import DoneReason, Sequence, SequenceRequest, SequenceUpdate
 from ember.errors import EngineError, InvalidRequestError
@@ -59,6 +60,7 @@ class LoadedModel:
                 options,
                 deterministic=options.deterministic or settings().deterministic,
                 host_cache_bytes=host_cache_budget(),
+                disk_cache=disk_cache_for(source, options),
             )
             self.prompts = PromptBuilder(
                 self.model, template=source.template, system=source.system, messages=source.messages
@@ -381,6 +383,15 @@ def host_cache_budget() -> int:
     if configured is not None:
         return configured
     return min(8 << 30, system_memory().available // 4)
+
+
+def disk_cache_for(source: ModelSource, options: LoadOptions) -> DiskCache | None:
+    """The model's disk KV tier (EMBER_KV_CACHE_DISK), or None when it is off."""
+    configured = settings()
+    if configured.kv_cache_disk <= 0:
+        return None
+    key = cache_key(source.path, source.digest, source.adapters, options.flash_attn)
+    return DiskCache(configured.home / "kv" / key, configured.kv_cache_disk)
 
 
 def _thinking_parser(opened: bool | None) -> ThinkingParser | None:

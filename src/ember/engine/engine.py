@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 
 from ember.engine.executor import Executor
+from ember.engine.kv_disk import DiskCache
 from ember.engine.llamacpp import LlamaContext, LlamaModel
 from ember.engine.scheduler import Scheduler, StepCosts
 from ember.engine.sequence import DoneReason, Phase, SampledLogprob, Sequence, SequenceRequest, SequenceUpdate
@@ -36,13 +37,19 @@ class Engine:
     """
 
     def __init__(
-        self, model: LlamaModel, options: LoadOptions, *, deterministic: bool = False, host_cache_bytes: int = 0
+        self,
+        model: LlamaModel,
+        options: LoadOptions,
+        *,
+        deterministic: bool = False,
+        host_cache_bytes: int = 0,
+        disk_cache: DiskCache | None = None,
     ) -> None:
         self.model = model
         self.options = options
         self.num_ctx = options.num_ctx
         self.costs = StepCosts()
-        self.executor = Executor(model, options, self.costs)
+        self.executor = Executor(model, options, self.costs, disk_cache)
         self.scheduler = Scheduler(
             slots=options.num_parallel,
             batch_capacity=self.executor.batch.capacity,
@@ -53,6 +60,9 @@ class Engine:
         )
         self._finished: list[SequenceUpdate] = []  # produced outside step(), returned by the next step()
         self._mailboxes: dict[int, deque[SequenceUpdate]] = {}
+        if disk_cache is not None:
+            for entry in disk_cache.entries(self.num_ctx):
+                self.executor.index_disk(self.scheduler.host.add_disk(entry.tokens, entry.size), entry)
 
     @property
     def context(self) -> LlamaContext:
@@ -266,4 +276,26 @@ class Engine:
         for sequence in list(self.scheduler.running):
             self.cancel(sequence)
         self.step()  # ends the cancelled sequences and frees their samplers
+        self._spill()
         self.executor.close()
+
+    def _spill(self) -> None:
+        """Keep what the slots and host RAM hold on the disk tier (if it is on), most recently used first."""
+        if self.executor.disk is None or not self.executor.disk.enabled:
+            return
+        ranked: list[tuple[int, str, int, list[int]]] = []  # (last used, kind, slot or entry id, tokens)
+        for slot in self.scheduler.slots:
+            if slot.owner is None and slot.tokens:
+                ranked.append((slot.last_used, "slot", slot.index, slot.tokens))
+        for entry in self.scheduler.host.entries.values():
+            if not entry.on_disk:
+                ranked.append((entry.last_used, "host", entry.id, entry.tokens))
+        ranked.sort(key=lambda item: item[0], reverse=True)
+        started = time.perf_counter()
+        try:
+            written = self.executor.spill([(kind, index, tokens) for _, kind, index, tokens in ranked])
+        except EmberError as error:  # the model still closes
+            log.warning("could not keep the KV cache on disk: %s", error)
+            return
+        if written:
+            log.info("kept %d KV entries on disk in %.2f s", written, time.perf_counter() - started)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
+from ember.engine.kv_disk import DiskCache, DiskEntry
 from ember.engine.llamacpp import LlamaContext, LlamaModel, TokenBatch
 from ember.engine.readout import sampled_logprob
 from ember.engine.sampler import Sampler
@@ -23,14 +25,18 @@ log = logging.getLogger(__name__)
 class Executor:
     """llama.cpp's side of the engine. Not thread-safe: the engine drives it one step at a time."""
 
-    def __init__(self, model: LlamaModel, options: LoadOptions, costs: StepCosts) -> None:
+    def __init__(
+        self, model: LlamaModel, options: LoadOptions, costs: StepCosts, disk: DiskCache | None = None
+    ) -> None:
         self.model = model
+        self.disk = disk
         self.num_ctx = options.num_ctx
         self.context = LlamaContext(model, options)
         self.batch = TokenBatch(max(options.num_batch, options.num_parallel))
         self.costs = costs
         self._samplers: dict[int, Sampler] = {}
         self._host: dict[int, bytearray] = {}  # host-RAM KV entries by the scheduler's entry id
+        self._disk: dict[int, DiskEntry] = {}  # disk-tier entries by the scheduler's entry id
 
     @property
     def host_bytes(self) -> int:
@@ -64,6 +70,7 @@ class Executor:
         restore llama.cpp refused (their slot is empty now)."""
         for entry in plan.drops:
             self._host.pop(entry, None)
+            self._disk.pop(entry, None)
         saved: dict[int, int] = {}
         for save in plan.saves:
             started = time.perf_counter()
@@ -76,13 +83,17 @@ class Executor:
             if setup.copy_from is not None:
                 self.context.copy_sequence(setup.copy_from, setup.slot)
             elif setup.restore is not None:
-                data = self._host.pop(setup.restore, bytearray())
                 started = time.perf_counter()
+                data = self._host.pop(setup.restore, None)
+                from_ram = data is not None
+                if data is None:
+                    data = disk_entry_bytes(self.disk, self._disk.pop(setup.restore, None))
                 if not data or not self.context.restore_sequence(setup.slot, data):
                     log.warning("could not restore KV into slot %d; prefilling %d tokens", setup.slot, setup.keep)
                     failed.append(setup.sequence)
                     continue
-                self.costs.observe_copy(setup.keep, time.perf_counter() - started)
+                if from_ram:  # a file read is not what a RAM copy costs
+                    self.costs.observe_copy(setup.keep, time.perf_counter() - started)
             self.context.forget(setup.slot, setup.keep if setup.keep > 0 else -1)
         return saved, failed
 
@@ -91,6 +102,27 @@ class Executor:
 
     def drop_host(self) -> None:
         self._host.clear()
+        self._disk.clear()
+
+    # --- the disk tier -------------------------------------------------------------------------------------
+
+    def index_disk(self, entry_id: int, entry: DiskEntry) -> None:
+        """A disk-tier file the scheduler knows as `entry_id`, read if it is restored."""
+        self._disk[entry_id] = entry
+
+    def spill(self, kept: list[tuple[str, int, list[int]]]) -> int:
+        """Write to the disk tier what free slots ("slot", index, tokens) and host-RAM entries ("host", entry
+        id, tokens) hold, in the order given (most valuable first). Returns how many entries were written."""
+        if self.disk is None or not self.disk.enabled:
+            return 0
+
+        def items() -> Iterator[tuple[list[int], bytes | bytearray]]:
+            for kind, index, tokens in kept:
+                data = self.context.save_sequence(index) if kind == "slot" else self._host.get(index)
+                if data:
+                    yield tokens, data
+
+        return self.disk.write_all(items())
 
     # --- the decode ----------------------------------------------------------------------------------------
 
@@ -122,3 +154,10 @@ class Executor:
         self._host.clear()
         self.batch.close()
         self.context.close()
+
+
+def disk_entry_bytes(disk: DiskCache | None, entry: DiskEntry | None) -> bytearray:
+    """The bytes of a disk-tier entry (empty when there is none or it does not read back)."""
+    if disk is None or entry is None:
+        return bytearray()
+    return disk.read(entry)

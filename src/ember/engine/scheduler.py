@@ -7,12 +7,14 @@ which sequences finished. Its tests build sequences by hand and never load a mod
 
 Slot choice is by value: a new prompt can start from the KV a free slot already holds (the next turn of a
 chat), from a copy of another slot's KV (one system prompt shared by many users), or from KV kept in host RAM
-(a conversation whose slot was given to others). Each free slot is scored by the prompt tokens it lets the
-sequence skip, minus the cached tokens that taking it would destroy; tokens saved to host RAM first are not
-destroyed, but moving them costs two copies. A slot holding another conversation is taken only to continue
-it (keeping at least half of what it holds) or when no free slot is empty; so an empty or least valuable slot
-is taken before a slot whose cache would be lost for a tiny gain. (llama-server takes any free slot sharing
-more than 10% of the prompt, even when that destroys most of its cache, and otherwise the least recently used.)
+(a conversation whose slot was given to others), or from the disk tier (what a model kept on disk when it last
+closed: `kv_disk.py`; indexed here like host entries, using no RAM). Each free slot is scored by the prompt
+tokens it lets the sequence skip, minus the cached tokens that taking it would destroy; tokens saved to host
+RAM first are not destroyed, but moving them costs two copies. A slot holding another conversation is taken
+only to continue it (keeping at least half of what it holds) or when no free slot is empty; so an empty or
+least valuable slot is taken before a slot whose cache would be lost for a tiny gain. (llama-server takes any
+free slot sharing more than 10% of the prompt, even when that destroys most of its cache, and otherwise the
+least recently used.)
 
 Prefill: on the CPU, llama.cpp computes a sequence's rows in one ubatch bit for bit like one row at a time
 while they are fewer than 64 (measured with SmolLM2 Q4_1; larger ubatches use another kernel with other
@@ -168,6 +170,7 @@ class HostEntry:
     tokens: list[int]
     size: int  # bytes, as the executor saved them (estimated until then)
     last_used: int
+    on_disk: bool = False  # a file of the disk tier (kv_disk.py), read when restored; it uses no RAM
 
 
 class HostCache:
@@ -182,7 +185,8 @@ class HostCache:
 
     @property
     def used(self) -> int:
-        return sum(entry.size for entry in self.entries.values())
+        """Bytes of host RAM the entries hold (entries on disk hold none)."""
+        return sum(entry.size for entry in self.entries.values() if not entry.on_disk)
 
     def estimate(self, tokens: int) -> int:
         return math.ceil(self._bytes_per_token * tokens)
@@ -213,6 +217,15 @@ class HostCache:
         self.entries[entry.id] = entry
         return entry.id
 
+    def add_disk(self, tokens: list[int], size: int) -> int:
+        """An entry of the disk tier, found when the model loaded: older than any entry made since."""
+        entry = HostEntry(self._next_id, list(tokens), size, last_used=0, on_disk=True)
+        self._next_id += 1
+        self.entries[entry.id] = entry
+        if not self._bytes_per_token and tokens:
+            self._bytes_per_token = size / len(tokens)
+        return entry.id
+
     def saved(self, entry_id: int, size: int) -> None:
         """The executor saved the entry: its real size (evicting others if the estimate was low)."""
         entry = self.entries.get(entry_id)
@@ -240,7 +253,7 @@ class HostCache:
 
     def _evict(self, room: int, keep: int | None = None) -> None:
         while self.used > room:
-            victims = [entry for entry in self.entries.values() if entry.id != keep]
+            victims = [entry for entry in self.entries.values() if entry.id != keep and not entry.on_disk]
             if not victims:
                 return
             self._drop(min(victims, key=lambda entry: entry.last_used).id)
@@ -420,7 +433,11 @@ class Scheduler:
             for saved, copy_from, restore in sources:
                 if copy_from == slot.index or saved <= own:
                     continue
-                source = CacheSource.COPY if copy_from is not None else CacheSource.HOST
+                if copy_from is not None:
+                    source = CacheSource.COPY
+                else:
+                    on_disk = restore is not None and self.host.entries[restore].on_disk
+                    source = CacheSource.DISK if on_disk else CacheSource.HOST
                 choices.append(_Choice(slot, saved, source, copy_from, restore))
         return max(choices, key=score)
 

@@ -26,6 +26,7 @@ class CacheSource(enum.StrEnum):
     SLOT = "slot"  # the KV left in the sequence's own slot by an earlier sequence
     COPY = "copy"  # copied from another slot holding the same prefix (a shared system prompt)
     HOST = "host"  # restored from the host-RAM tier
+    DISK = "disk"  # restored from the disk tier (KV a model kept when it last closed)
     PARENT = "parent"  # the prompt of the sequence this one forks from (n > 1)
 
 

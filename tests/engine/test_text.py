@@ -47,8 +47,9 @@ def feed(matcher: StopMatcher, chunks: list[str]) -> tuple[list[str], bool]:
         out.append(text)
         if stopped:
             return out, True
-    out.append(matcher.flush())
-    return out, False
+    tail, stopped = matcher.finish()
+    out.append(tail)
+    return out, stopped
 
 
 @given(
@@ -90,3 +91,6 @@ def test_a_longer_stop_string_that_starts_earlier_wins_once_complete() -> None:
     unfinished = StopMatcher(("#", "a#a"))
     assert unfinished.push("a#") == ("", False)
     assert unfinished.flush() == "a"  # 'a#a' never completed: the text is cut at '#'
+    held = StopMatcher(("a", "baa"))
+    assert held.push("ba") == ("", False)
+    assert held.finish() == ("b", True)  # the stream ended: 'a' did stop it (found by hypothesis)

@@ -68,9 +68,14 @@ class StopMatcher:
 
     def flush(self) -> str:
         """Release held text at the end of generation, cut at a stop string it already holds."""
+        return self.finish()[0]
+
+    def finish(self) -> tuple[str, bool]:
+        """The held text at the end of generation, and whether a stop string cut it (one that was held back
+        while a longer stop string starting earlier could still complete)."""
         held, self._held = self._held, ""
         found = [held.find(stop) for stop in self._stops if stop in held]
-        return held[: min(found)] if found else held
+        return (held[: min(found)], True) if found else (held, False)
 
     def _pending_start(self, buffer: str, before: int) -> int | None:
         """The earliest position before `before` where the rest of `buffer` begins a longer stop string."""

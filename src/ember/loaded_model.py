@@ -168,6 +168,7 @@ class LoadedModel:
             template=request.template,
             tools=plan.template_tools(),
             think=think,
+            continue_final=request.continue_final,
         )
         grammar = plan.grammar() or request.grammar or grammar_for_format(request.format)
         sequence = self._submit(prompt.tokens, sampling, grammar, requested_logprobs(request))

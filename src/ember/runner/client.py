@@ -31,6 +31,7 @@ from ember.types import (
     GenerateRequest,
     GenerateResponse,
     Message,
+    PrefillProgress,
     TokenLogprob,
 )
 
@@ -156,6 +157,10 @@ class RunnerProcess:
                 message = Message.model_construct(role="assistant", content=payload[0])
                 logprobs = [TokenLogprob.model_validate(entry) for entry in payload[1]]
                 yield ChatResponse.model_construct(model=request.model, message=message, logprobs=logprobs)
+            elif kind == "prefill":
+                message = Message.model_construct(role="assistant", content="")
+                progress = PrefillProgress(done=payload[0], total=payload[1])
+                yield ChatResponse.model_construct(model=request.model, message=message, prefill=progress)
             else:
                 yield ChatResponse.model_validate(payload)
 
@@ -181,6 +186,8 @@ class RunnerProcess:
                     yield ("text", event[2]) if len(event) == 3 else ("logprobs", event[2:])
                 elif event[0] == "chunk":  # a chat chunk with tool calls
                     yield "chunk", event[2]
+                elif event[0] == "prefill":  # prompt tokens read, of all (report_prefill)
+                    yield "prefill", event[2:]
                 elif event[0] in ("done", "embedded"):
                     finished = True
                     yield "done", event[2]

@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ember.embeddings import EmbedJob
-from ember.engine.sequence import Sequence
+from ember.engine.sequence import Phase, Sequence
 from ember.loaded_model import Job, LoadedModel
 from ember.logprobs import logprob_entries
 from ember.options import LoadOptions
@@ -43,6 +43,7 @@ class _Runner:
         self.started: set[str] = set()  # requests whose first text was sent
         self.running = True
         self.embeds: deque[tuple[str, EmbedJob]] = deque()  # embedding requests, one input per loop turn
+        self.prefill_watch: dict[str, int] = {}  # request id -> prompt tokens last reported (report_prefill)
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -75,6 +76,8 @@ class _Runner:
             return
         self.jobs[job.sequence.id] = (request_id, job)
         self.by_request[request_id] = job.sequence
+        if payload.get("report_prefill"):
+            self.prefill_watch[request_id] = -1
 
     def start_embed(self, request_id: str, payload: dict[str, Any]) -> None:
         try:
@@ -132,6 +135,16 @@ class _Runner:
                 if chunk is not None:
                     self.events.append(("done", request_id, chunk.model_dump()))
 
+    def report_prefill(self) -> None:
+        """For requests that asked: how much of the prompt is in, after each step that read a part of it."""
+        for request_id, reported in list(self.prefill_watch.items()):
+            sequence = self.by_request.get(request_id)
+            if sequence is None or sequence.phase not in (Phase.WAITING, Phase.PREFILL):
+                del self.prefill_watch[request_id]  # its first token (or its end) says the rest
+            elif sequence.n_past != reported:
+                self.prefill_watch[request_id] = sequence.n_past
+                self.events.append(("prefill", request_id, sequence.n_past, len(sequence.prompt_tokens)))
+
     def flush(self, *, force: bool = False) -> None:
         """Send what the steps produced. Plain text waits up to FLUSH_INTERVAL to travel with the next steps'
         text: each message wakes the server (and its client), and on a small machine every wake-up can delay
@@ -158,6 +171,8 @@ class _Runner:
                     break
             if engine.has_work():
                 self.step()
+                if self.prefill_watch:
+                    self.report_prefill()
             if self.embeds:
                 self.embed_step()
             self.flush(force=not engine.has_work())

@@ -21,7 +21,8 @@ def test_notebook_continues_the_text_counts_tokens_and_shows_next_token_probabil
     page.fill("#nb-text", "The capital of France is")
     page.wait_for_function("() => /^[1-9][0-9]* tokens$/.test(document.querySelector('#nb-count').textContent)")
     counted = int(page.locator("#nb-count").inner_text().split()[0])
-    assert counted == len(api(page, "POST", "/api/tokenize", json={"model": "smollm2", "content": "The capital of France is"})["tokens"])
+    tokenized = api(page, "POST", "/api/tokenize", json={"model": "smollm2", "content": "The capital of France is"})
+    assert counted == len(tokenized["tokens"])
 
     page.click("#nb-generate")
     page.wait_for_selector("#nb-stop", state="visible")
@@ -31,10 +32,11 @@ def test_notebook_continues_the_text_counts_tokens_and_shows_next_token_probabil
     page.wait_for_function(f"() => parseInt(document.querySelector('#nb-count').textContent) > {counted}")
 
     page.fill("#nb-text", "The capital of France is")
-    page.evaluate("() => { const t = document.querySelector('#nb-text'); t.setSelectionRange(t.value.length, t.value.length); }")
+    page.evaluate("() => { const t = document.querySelector('#nb-text'); t.setSelectionRange(99, 99); }")
     page.click("#nb-probs")
     page.wait_for_selector("#nb-probs-list li")
     assert page.locator("#nb-probs-list li").count() == 10
+    page.wait_for_function(f"() => document.querySelector('#nb-count').textContent === '{counted} tokens'")
     first = page.locator("#nb-probs-list li").first
     token = first.get_attribute("data-token")
     assert first.locator(".probability").inner_text().endswith("%")

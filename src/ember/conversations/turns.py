@@ -337,18 +337,21 @@ class ConversationService:
 
     async def context(self, conversation_id: str) -> dict[str, Any]:
         """The context meter as the conversation stands: what its next prompt would hold without a new message.
-        Nothing is written and no summary is made (a summarize step due at the next turn is not taken here)."""
+        Nothing is written and no summary is made (a summarize step due at the next turn is not taken here).
+        The conversation's documents count as its last question would get them."""
         conversation, path = await asyncio.to_thread(self.store.conversation_and_path, conversation_id)
-        source, counter = await self.source(conversation.model or self.default_model)
+        model = conversation.model or self.default_model
+        source, counter = await self.source(model)
         window = self.window(source, conversation.options)
-        planner = self._planner(
-            conversation, conversation.strategy, source, counter, window, system=conversation.system
-        )
+        system = conversation.system
+        sources = await self._sources(conversation, path, model, source, counter, window, TurnRequest(conversation_id))
+        if sources is not None:
+            base = source.system if system is None else system
+            system = f"{base}\n\n{sources.system_block()}" if base else sources.system_block()
+        planner = self._planner(conversation, conversation.strategy, source, counter, window, system=system)
         entries, _ = await asyncio.to_thread(_entries, counter, path, [])
         if not entries:
-            used = (
-                await planner.count([Message(role="system", content=conversation.system)]) if conversation.system else 0
-            )
+            used = await planner.count([Message(role="system", content=system)]) if system else 0
             return {
                 "used": used,
                 "prompt": used,

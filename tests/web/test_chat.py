@@ -93,3 +93,20 @@ def test_regenerate_edit_continue_and_branches(page):
     page.locator(".msg.assistant [data-action=pin]").click()
     page.wait_for_selector(".msg.assistant.pinned")
     assert api(page, "GET", f"/api/conversations/{conversation}")["messages"][1]["pinned"] is True
+
+
+def test_a_long_prompt_shows_its_prefill_progress(page, screenshots):
+    open_page(page)
+    set_options(page, num_predict="1")
+    long_message = "Summarize these words. " + " ".join(f"word{n}" for n in range(400))
+    page.fill("#input", long_message)
+    page.press("#input", "Enter")
+    bar = page.locator(".msg.live .prefill")
+    bar.wait_for(state="visible", timeout=60_000)
+    label = bar.locator("span").inner_text()
+    assert label.startswith("reading the prompt: ") and label.endswith(" tokens")
+    numbers = label.removeprefix("reading the prompt: ").removesuffix(" tokens")
+    done, total = (int(part) for part in numbers.split(" / "))
+    assert 0 < done < total
+    page.screenshot(path=str(screenshots / "prefill.png"))
+    wait_answered(page, 1)

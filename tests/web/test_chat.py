@@ -8,6 +8,10 @@ from tests.web.conftest import api, current_conversation, open_page, send, set_o
 def test_send_streams_the_answer_and_a_reload_finds_the_conversation(page, screenshots):
     open_page(page)
     set_options(page)
+    page.click("#input")
+    page.keyboard.type("Write a haiku")
+    page.keyboard.press("Shift+Enter")  # a new line, not a send
+    assert page.input_value("#input") == "Write a haiku\n" and page.locator(".msg").count() == 0
     page.fill("#input", "Write a haiku about the sea.")
     page.press("#input", "Enter")
     page.wait_for_selector(".msg.live", timeout=30_000)  # the answer streams into a live message first
@@ -39,7 +43,7 @@ def test_stop_cancels_the_answer_and_keeps_what_was_written(page):
     open_page(page)
     set_options(page, num_predict="400", temperature="0.8")
     page.fill("#input", "Tell me a very long story about a dragon and a knight.")
-    page.press("#input", "Enter")
+    page.click("#send")  # the button sends too
     page.wait_for_function(
         "() => document.querySelector('.msg.live .msg-body')?.textContent.trim().length > 3", timeout=60_000
     )
@@ -98,7 +102,7 @@ def test_regenerate_edit_continue_and_branches(page):
 def test_a_long_prompt_shows_its_prefill_progress(page, screenshots):
     open_page(page)
     set_options(page, num_predict="1")
-    long_message = "Summarize these words. " + " ".join(f"word{n}" for n in range(400))
+    long_message = "Summarize these words. " + " ".join(f"word{n}" for n in range(150))  # about 600 tokens
     page.fill("#input", long_message)
     page.press("#input", "Enter")
     bar = page.locator(".msg.live .prefill")

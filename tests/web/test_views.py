@@ -124,10 +124,17 @@ def test_admin_pulls_with_progress_and_cancel_unloads_and_shows_the_server(page,
     page.once("dialog", lambda dialog: dialog.accept("tiny-copy"))
     page.locator(f"#model-list tr[data-name='{name}'] [data-action=copy]").click()
     page.wait_for_selector("#model-list tr[data-name^=tiny-copy]")
+    page.fill("#create-name", "tiny-made")
+    page.fill("#create-modelfile", f'FROM {name}\nPARAMETER temperature 0.2\nSYSTEM """Be brief."""')
+    page.click("#create-form button[type=submit]")
+    page.wait_for_selector("#model-list tr[data-name^=tiny-made]")
+    assert page.locator("#create-status").inner_text() == "success"
+    made = api(page, "POST", "/api/show", json={"model": "tiny-made"})
+    assert made["system"] == "Be brief." and "temperature" in made["parameters"]
     page.wait_for_function("() => /[1-9]/.test(document.querySelector('#live-tps').textContent)", timeout=20_000)
     page.screenshot(path=str(screenshots / "admin.png"))
     page.on("dialog", lambda dialog: dialog.accept())
-    for doomed in (name, "tiny-copy:latest"):
+    for doomed in (name, "tiny-copy:latest", "tiny-made:latest"):
         page.locator(f"#model-list tr[data-name='{doomed}'] [data-action=delete]").click()
         page.wait_for_selector(f"#model-list tr[data-name='{doomed}']", state="detached")
     assert not any("tiny" in row["name"] for row in api(page, "GET", "/api/tags")["models"])

@@ -194,6 +194,7 @@ class LoadedModel:
             template=request.template,
             tools=plan.template_tools(),
             think=think,
+            continue_final=request.continue_final,
         )
         grammar = plan.grammar() or request.grammar or grammar_for_format(request.format)
         sequences = self._submit_choices(prompt.tokens, sampling, grammar, requested_logprobs(request), choices)

@@ -87,9 +87,15 @@ class PromptBuilder:
         template: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         think: ThinkSpec = None,
+        continue_final: bool = False,
     ) -> str:
+        """The prompt text. `continue_final` with an assistant message last: the conversation before it, opened
+        for the assistant, then that message's text, so the model goes on writing it (Ollama's prefill)."""
         compiled = self._compile(template) if template else self.template
         views = [message.template_view() for message in messages]
+        if continue_final and messages and messages[-1].role == "assistant":
+            opened = compiled.render(views[:-1], tools=tools, **_think_variables(think))
+            return opened + (messages[-1].content or "")
         return compiled.render(views, tools=tools, **_think_variables(think))
 
     def chat_tokens(
@@ -118,13 +124,16 @@ class PromptBuilder:
         template: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         think: ThinkSpec = None,
+        continue_final: bool = False,
     ) -> ChatPrompt:
         """Render and tokenize a conversation. With `truncate`, the oldest turns go until it fits (as Ollama
         does, the system messages and the last message always stay); `dropped` says how many went."""
         conversation = list(messages)
 
         def render() -> tuple[str, list[int]]:
-            text = self.render_chat(conversation, template=template, tools=tools, think=think)
+            text = self.render_chat(
+                conversation, template=template, tools=tools, think=think, continue_final=continue_final
+            )
             return text, self.tokenize_prompt(text)
 
         text, tokens = render()

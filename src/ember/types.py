@@ -143,6 +143,16 @@ class ChatRequest(_Request):
         None, description='ember\'s addition: "auto" (default), "none", "required" or {"function": {"name": ...}}.'
     )
     template: str | None = Field(None, description="Chat template (Jinja), replacing the model's own.")
+    continue_final: bool = Field(
+        False,
+        description="ember's addition: when the last message is the assistant's, continue its text instead of "
+        "starting a new answer (the prompt ends inside that message).",
+    )
+    report_prefill: bool = Field(
+        False,
+        description="ember's addition: stream chunks with `prefill` (prompt tokens decoded so far, of all) while a "
+        "long prompt is read, before the first token.",
+    )
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -216,6 +226,13 @@ class GenerateResponse(Metrics):
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
 
 
+class PrefillProgress(_Subscriptable):
+    """How far the prompt has been read: `done` of `total` tokens in the KV cache (reused ones included)."""
+
+    done: int
+    total: int
+
+
 class ChatResponse(Metrics):
     """A chunk of a streamed chat answer, or the whole of one (`done` is True on the last)."""
 
@@ -227,6 +244,7 @@ class ChatResponse(Metrics):
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
     truncated_messages: int | None = None  # ember's addition, on the last chunk: oldest messages dropped to fit
     stop_sequence: str | None = None  # ember's addition, on the last chunk: the stop string that ended it
+    prefill: PrefillProgress | None = None  # with report_prefill: a chunk without text, while the prompt is read
 
 
 class EmbedRequest(BaseModel):

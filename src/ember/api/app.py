@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     from ember.api import (
         anthropic,
         conversations,
+        documents,
         embeddings,
         native,
         ollama,
@@ -93,9 +94,12 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         openai_batches,
         openai_conversations,
         openai_responses,
+        presets,
         schedules,
+        web,
     )
 
+    app.include_router(web.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
     app.include_router(ollama_models.router)
@@ -105,6 +109,8 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     app.include_router(openai_batches.router)
     app.include_router(schedules.router)
     app.include_router(conversations.router)
+    app.include_router(presets.router)
+    app.include_router(documents.router)
     app.include_router(openai_responses.router)
     app.include_router(openai_conversations.router)
     return app

@@ -81,6 +81,9 @@ class _Answering(BaseModel):
     keep_alive: str | float | None = None
     priority: Literal["high", "normal", "low"] | None = None
     return_prompt: bool = Field(False, description="Send back the prompt's tokens (context.prompt_tokens).")
+    progress: bool = Field(
+        False, description='Stream {"prefill": {"done", "total"}} lines while a long prompt is read, before the answer.'
+    )
 
     def turn_request(self, conversation_id: str, **fields: Any) -> TurnRequest:
         return TurnRequest(
@@ -93,6 +96,7 @@ class _Answering(BaseModel):
             keep_alive=self.keep_alive,
             priority=self.priority,
             return_prompt=self.return_prompt,
+            report_prefill=self.progress,
             **fields,
         )
 
@@ -114,6 +118,10 @@ class ChatBody(_Answering):
 
 class RegenerateBody(_Answering):
     """Answer the question of an assistant message again; the new answer is its sibling."""
+
+
+class ContinueBody(_Answering):
+    """Write more of an assistant's answer (one that stopped, or was cut by num_predict), in place."""
 
 
 class EditBody(_Answering):

@@ -13,6 +13,9 @@
     PATCH  /api/conversations/{id}/messages/{mid}       pin or unpin
     POST   /api/conversations/{id}/messages/{mid}/regenerate   a new answer, as a sibling
     POST   /api/conversations/{id}/messages/{mid}/edit         a new text, as a sibling (a question is answered)
+    POST   /api/conversations/{id}/messages/{mid}/continue     more of an answer, written into it
+
+With `progress: true`, a stream also carries {"prefill": {"done", "total"}} lines while a long prompt is read.
 
 An answer's last line (or the whole answer, with stream false) carries `conversation_id`, `message_id` and
 `context`: {used, prompt, limit, budget, dropped, summarized, strategy, messages, warning?}.
@@ -30,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember.api.conversation_bodies import (
     ChatBody,
+    ContinueBody,
     ConversationCreate,
     ConversationUpdate,
     EditBody,
@@ -110,6 +114,8 @@ def _ndjson(events: AsyncIterator[ChatResponse | TurnResult]) -> StreamingRespon
             async for event in events:
                 if isinstance(event, TurnResult):
                     yield (json.dumps(turn_json(event, whole=False)) + "\n").encode()
+                elif event.prefill is not None:
+                    yield (json.dumps({"prefill": event.prefill.model_dump()}) + "\n").encode()
                 elif not event.done:  # the model's final chunk goes out with the result, as one line
                     yield (json.dumps(chunk_json(event)) + "\n").encode()
         except EmberError as error:
@@ -278,3 +284,14 @@ async def edit(request: Request, conversation_id: str, message_id: str, body: Ed
     )
     (stored,) = await asyncio.to_thread(store.append, conversation_id, message.parent_id, [replacement])
     return JSONResponse({"message": stored.to_json()})
+
+
+@router.post("/api/conversations/{conversation_id}/messages/{message_id}/continue")
+async def continue_answer(request: Request, conversation_id: str, message_id: str, body: ContinueBody) -> Response:
+    store = store_of(request)
+    message = await asyncio.to_thread(store.message, conversation_id, message_id)
+    if message.role != "assistant":
+        raise InvalidRequestError(f"message {message_id} is a {message.role} message; only an answer can be continued")
+    await asyncio.to_thread(store.set_active, conversation_id, message_id)
+    turn = body.turn_request(conversation_id, parent_id=message_id, continue_answer=True)
+    return await answer(request, turn, body.stream)

@@ -1,4 +1,5 @@
-"""ember's own routes: liveness and readiness, tokenizing, and a WebSocket stream of tokens."""
+"""ember's own routes: liveness and readiness, tokenizing, the server's live numbers (/api/stats), and a
+WebSocket stream of tokens."""
 
 from __future__ import annotations
 
@@ -118,3 +119,33 @@ async def stream_socket(socket: WebSocket) -> None:
     finally:
         if current is not None:
             current.cancel()
+
+
+@router.get("/api/stats")
+async def stats(request: Request) -> dict[str, Any]:
+    """What the server does now: rates over the last minute, and per loaded model its slots, queue and size;
+    the machine's memory. The page's live view polls this."""
+    from ember.serve.memory import system_memory
+
+    manager = manager_of(request)
+    models = [
+        {
+            "name": row.name,
+            "size": row.size,
+            "size_vram": row.size_vram,
+            "num_ctx": row.num_ctx,
+            "slots": row.slots,
+            "slots_in_use": row.slots_in_use,
+            "queued": row.queued,
+        }
+        for row in manager.ps()
+    ]
+    memory = await asyncio.to_thread(system_memory)
+    return {
+        **manager.stats.snapshot(),
+        "queued": sum(model["queued"] for model in models),
+        "slots_in_use": sum(model["slots_in_use"] for model in models),
+        "slots": sum(model["slots"] for model in models),
+        "models": models,
+        "memory": {"total": memory.total, "available": memory.available, "models": sum(m["size"] for m in models)},
+    }

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from ember.api import schemas
@@ -185,15 +185,6 @@ def _check_local_path(text: str, what: str, base_dir: Path | None) -> None:
             f"{what} {text}: give an absolute path (the server does not know the client's working directory), "
             "or upload the file with POST /api/blobs/<digest>"
         )
-
-
-# --- GET / -------------------------------------------------------------------------------------------------
-
-
-@router.get("/")
-@router.head("/")
-async def root() -> PlainTextResponse:
-    return PlainTextResponse("ember is running")
 
 
 # --- pull --------------------------------------------------------------------------------------------------

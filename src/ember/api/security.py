@@ -25,7 +25,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from ember.config import Settings
 
 Scope = dict[str, Any]
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
+# The built-in page's files: open, so that the page can load and ask for the key it then sends on every call.
+OPEN_PREFIX = "/web/"
 # Blob uploads (model files, gigabytes) are streamed to disk, never held in memory: no body size limit there.
 UNLIMITED_BODY_PREFIX = "/api/blobs/"
 # Batch input uploads (multipart, spooled to disk) have their own, larger limit: EMBER_MAX_FILE_BYTES.
@@ -74,7 +76,9 @@ class Guard:
             host = headers.get("host", "")
             if not allowed_host(host, self.allowed_hosts):
                 return 403, f"host {host!r} is not allowed; add it to EMBER_ALLOWED_HOSTS to serve it"
-        if self.keys and scope.get("path") not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+        path = scope.get("path", "")
+        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+        if self.keys and not open_path and scope.get("method") != "OPTIONS":
             given = headers.get("authorization", "")
             token = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not any(hmac.compare_digest(token.encode(), key) for key in self.keys):

@@ -91,6 +91,47 @@ CREATE TABLE IF NOT EXISTS responses (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_by_conversation ON responses (conversation_id);
+CREATE TABLE IF NOT EXISTS presets (
+    name TEXT PRIMARY KEY,
+    system TEXT,
+    options TEXT NOT NULL DEFAULT '{}',
+    model TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    collection TEXT,
+    conversation_id TEXT REFERENCES conversations(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_by_collection ON documents (collection);
+CREATE INDEX IF NOT EXISTS documents_by_conversation ON documents (conversation_id);
+CREATE TABLE IF NOT EXISTS document_chunks (
+    id TEXT PRIMARY KEY,
+    document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    start INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_document ON document_chunks (document_id, seq);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, content='document_chunks', content_rowid='rowid');
+CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON document_chunks BEGIN
+    INSERT INTO chunks_fts (rowid, text) VALUES (new.rowid, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON document_chunks BEGIN
+    INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+END;
+CREATE TABLE IF NOT EXISTS chunk_embeddings (
+    chunk_id TEXT NOT NULL REFERENCES document_chunks(id) ON DELETE CASCADE,
+    model TEXT NOT NULL,
+    vector TEXT NOT NULL,
+    PRIMARY KEY (chunk_id, model)
+);
 """
 
 
@@ -99,7 +140,8 @@ class ConversationStoreError(EmberError):
 
 
 def new_id(prefix: str) -> str:
-    """A random id with a readable prefix: conv_, msg_, resp_ (OpenAI's style, so its clients accept them)."""
+    """A random id with a readable prefix: conv_, msg_, resp_, doc_, chunk_ (OpenAI's style, so its clients
+    accept them)."""
     return f"{prefix}_{secrets.token_hex(12)}"
 
 

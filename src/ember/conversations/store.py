@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.conversations.db import Database, new_id, now
+from ember.conversations.documents import DocumentStore
 from ember.conversations.index import MessageIndex, fts_query
 from ember.conversations.records import (
     Conversation,
@@ -77,6 +78,7 @@ class ConversationStore:
         self.db = Database(path if path is not None else default_path())
         self.responses = ResponseRecords(self.db)
         self.index = MessageIndex(self.db)
+        self.documents = DocumentStore(self.db)
 
     @property
     def path(self) -> Path:

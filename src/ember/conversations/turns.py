@@ -28,6 +28,7 @@ from ember.conversations.context import ContextPlan, ContextPlanner, Entry
 from ember.conversations.db import new_id
 from ember.conversations.records import Conversation, ConversationBusyError, StoredMessage
 from ember.conversations.retrieval import Ranker
+from ember.conversations.sources import Sources, collections_of, gather_sources
 from ember.conversations.store import ConversationStore, NewMessage
 from ember.conversations.summarize import Summarizer
 from ember.conversations.tokens import CounterCache, PromptCounter, Window, window_for
@@ -60,6 +61,8 @@ class TurnRequest:
     keep_alive: str | float | None = None
     return_prompt: bool = False
     answer_id: str | None = None  # the answer's message id, when the caller needs it before the answer ends
+    continue_answer: bool = False  # parent_id names an assistant message: write more of it, in place
+    report_prefill: bool = False  # stream chunks with `prefill` while a long prompt is read
     conversation: Conversation | None = None  # with persist False: a conversation that is not in the store
 
 
@@ -118,8 +121,13 @@ class ConversationService:
 
     async def _turn(self, request: TurnRequest) -> AsyncIterator[ChatResponse | TurnResult]:
         conversation, path = await asyncio.to_thread(self._branch, request)
+        continued = path[-1] if request.continue_answer and path else None
+        if request.continue_answer and (continued is None or continued.role != "assistant" or request.new_messages):
+            raise InvalidRequestError("only an assistant's answer can be continued, and with no new message")
+        if continued is not None:
+            path = path[:-1]  # the answer itself is the prompt's open end, not a finished turn
         parent_id = path[-1].id if path else None
-        if not request.new_messages and (not path or path[-1].role == "assistant"):
+        if continued is None and not request.new_messages and (not path or path[-1].role == "assistant"):
             raise InvalidRequestError(
                 "nothing to answer: send a message" + (", or regenerate the last answer" if path else "")
             )
@@ -128,12 +136,27 @@ class ConversationService:
         options = {**conversation.options, **request.options}
         window = self.window(source, options)
         new = [replace(message, id=message.id or new_id("msg")) for message in request.new_messages]
-        entries, counted = await asyncio.to_thread(_entries, counter, path, new)
+        sources = await self._sources(conversation, [*path, *new], model, source, counter, window, request)
+        if sources is not None:
+            base = request.system if request.override_system else conversation.system
+            base = source.system if base is None else base
+            request = replace(request, system=f"{base}\n\n{sources.system_block()}" if base else sources.system_block())
+            request.override_system = True
+        entries, counted = await asyncio.to_thread(_entries, counter, path + ([continued] if continued else []), new)
         plan = await self._plan(request, conversation, source, counter, window, options, entries)
 
         answer_id = request.answer_id or new_id("msg")
-        answer = NewMessage(role="assistant", status="in_progress", id=answer_id, info={"model": model})
-        if request.persist:
+        answer_info: dict[str, Any] = {"model": model}
+        if sources is not None:
+            answer_info.update(sources=sources.items, documents=sources.info())
+        answer = NewMessage(role="assistant", status="in_progress", id=answer_id, info=answer_info)
+        if continued is not None:
+            stored = [continued]
+            if request.persist:
+                await asyncio.to_thread(
+                    self.store.write_answer, continued.id, content=continued.content, status="in_progress"
+                )
+        elif request.persist:
             stored = await asyncio.to_thread(
                 self.store.append,
                 conversation.id,
@@ -153,8 +176,13 @@ class ConversationService:
             tool_choice=request.tool_choice,
             keep_alive=request.keep_alive,
             stream=True,
+            continue_final=continued is not None,
+            report_prefill=request.report_prefill,
         )
         writer = _AnswerWriter(self.store if request.persist else None, stored[-1])
+        if continued is not None:
+            writer.parts.append(continued.content)
+            writer.answer.info = {**continued.info, **answer_info}
         try:
             async for chunk in self.manager.chat(chat, priority=request.priority, timeout=request.timeout):
                 writer.take(chunk)
@@ -183,6 +211,36 @@ class ConversationService:
         if request.persist:
             conversation = await asyncio.to_thread(self.store.get, conversation.id)
         yield TurnResult(conversation, answer_message, stored[:-1], final, report, prompt_tokens)
+
+    async def _sources(
+        self,
+        conversation: Conversation,
+        messages: Sequence[StoredMessage | NewMessage],
+        model: str,
+        source: ModelSource,
+        counter: PromptCounter,
+        window: Window,
+        request: TurnRequest,
+    ) -> Sources | None:
+        """The conversation's documents for this turn (see sources.py), asked about its last user message."""
+        question = next((message.content for message in reversed(messages) if message.role == "user"), "")
+        if not request.persist and request.conversation is not None:
+            return None  # a conversation outside the store has no documents
+
+        def count_text(text: str) -> int:
+            return counter.message_tokens(Message(role="user", content=text))
+
+        return await gather_sources(
+            self.store.documents,
+            conversation.id,
+            collections_of(conversation.metadata),
+            question,
+            room=window.budget,
+            count_text=count_text,
+            embed=getattr(self.manager, "embed", None),
+            embedding_model=conversation.settings.embedding_model or model,
+            timeout=request.timeout,
+        )
 
     def _branch(self, request: TurnRequest) -> tuple[Conversation, list[StoredMessage]]:
         """The conversation and the branch the turn continues (its active one, or up to a given message)."""
@@ -279,18 +337,21 @@ class ConversationService:
 
     async def context(self, conversation_id: str) -> dict[str, Any]:
         """The context meter as the conversation stands: what its next prompt would hold without a new message.
-        Nothing is written and no summary is made (a summarize step due at the next turn is not taken here)."""
+        Nothing is written and no summary is made (a summarize step due at the next turn is not taken here).
+        The conversation's documents count as its last question would get them."""
         conversation, path = await asyncio.to_thread(self.store.conversation_and_path, conversation_id)
-        source, counter = await self.source(conversation.model or self.default_model)
+        model = conversation.model or self.default_model
+        source, counter = await self.source(model)
         window = self.window(source, conversation.options)
-        planner = self._planner(
-            conversation, conversation.strategy, source, counter, window, system=conversation.system
-        )
+        system = conversation.system
+        sources = await self._sources(conversation, path, model, source, counter, window, TurnRequest(conversation_id))
+        if sources is not None:
+            base = source.system if system is None else system
+            system = f"{base}\n\n{sources.system_block()}" if base else sources.system_block()
+        planner = self._planner(conversation, conversation.strategy, source, counter, window, system=system)
         entries, _ = await asyncio.to_thread(_entries, counter, path, [])
         if not entries:
-            used = (
-                await planner.count([Message(role="system", content=conversation.system)]) if conversation.system else 0
-            )
+            used = await planner.count([Message(role="system", content=system)]) if system else 0
             return {
                 "used": used,
                 "prompt": used,

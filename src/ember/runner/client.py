@@ -28,6 +28,7 @@ from ember.runner.protocol import (
     Event,
     Failed,
     LoadFailed,
+    Prefill,
     Ready,
     Shutdown,
     Start,
@@ -45,6 +46,7 @@ from ember.types import (
     GenerateRequest,
     GenerateResponse,
     Message,
+    PrefillProgress,
 )
 
 log = logging.getLogger(__name__)
@@ -176,6 +178,10 @@ class RunnerProcess:
             elif isinstance(event, ToolCalls):
                 message = Message.model_construct(role="assistant", content="", tool_calls=list(event.calls))
                 yield index, ChatResponse.model_construct(model=request.model, message=message)
+            elif isinstance(event, Prefill):
+                message = Message.model_construct(role="assistant", content="")
+                progress = PrefillProgress(done=event.done, total=event.total)
+                yield index, ChatResponse.model_construct(model=request.model, message=message, prefill=progress)
             elif isinstance(event, Done) and isinstance(event.final, ChatResponse):
                 yield index, event.final
 

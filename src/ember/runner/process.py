@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ember.embeddings import EmbedJob
-from ember.engine.sequence import Sequence, SequenceUpdate
+from ember.engine.sequence import Phase, Sequence, SequenceUpdate
 from ember.loaded_model import Job, LoadedModel
 from ember.logprobs import logprob_entries
 from ember.options import LoadOptions
@@ -30,6 +30,7 @@ from ember.runner.protocol import (
     Event,
     Failed,
     LoadFailed,
+    Prefill,
     Ready,
     Shutdown,
     Start,
@@ -57,6 +58,7 @@ class _Runner:
         self.started: set[int] = set()  # sequences whose first text was sent
         self.running = True
         self.embeds: deque[tuple[str, EmbedJob]] = deque()  # embedding requests, one input per loop turn
+        self.prefill_watch: dict[str, int] = {}  # request id -> prompt tokens last reported (report_prefill)
 
     def handle(self, message: Start | Cancel | Shutdown) -> None:
         if isinstance(message, Start):
@@ -91,6 +93,8 @@ class _Runner:
         for index, job in enumerate(jobs):
             self.jobs[job.sequence.id] = (message.request_id, index, job)
         self.by_request[message.request_id] = [job.sequence for job in jobs]
+        if message.payload.get("report_prefill"):
+            self.prefill_watch[message.request_id] = -1
 
     def start_embed(self, request_id: str, payload: dict[str, Any]) -> None:
         try:
@@ -146,6 +150,17 @@ class _Runner:
             self.started.add(update.sequence.id)
             self.urgent = True
 
+    def report_prefill(self) -> None:
+        """For requests that asked: how much of the prompt is in, after each step that read a part of it."""
+        for request_id, reported in list(self.prefill_watch.items()):
+            sequences = self.by_request.get(request_id)
+            sequence = sequences[0] if sequences else None  # the first choice prefills the prompt for all
+            if sequence is None or sequence.phase not in (Phase.WAITING, Phase.PREFILL):
+                del self.prefill_watch[request_id]  # its first token (or its end) says the rest
+            elif sequence.n_past != reported:
+                self.prefill_watch[request_id] = sequence.n_past
+                self.events.append(Prefill(request_id, sequence.n_past, len(sequence.prompt_tokens)))
+
     def flush(self, *, force: bool = False) -> None:
         """Send what the steps produced. Plain text waits up to FLUSH_INTERVAL to travel with the next steps'
         text: each message wakes the server (and its client), and on a small machine every wake-up can delay
@@ -172,6 +187,8 @@ class _Runner:
                     break
             if engine.has_work():
                 self.step()
+                if self.prefill_watch:
+                    self.report_prefill()
             if self.embeds:
                 self.embed_step()
             self.flush(force=not engine.has_work())

@@ -64,6 +64,14 @@ class ToolCalls(NamedTuple):
     index: int = 0
 
 
+class Prefill(NamedTuple):
+    """How much of a prompt is decoded (`done` of `total` tokens), for a request that asked (report_prefill)."""
+
+    request_id: str
+    done: int
+    total: int
+
+
 class Done(NamedTuple):
     request_id: str
     final: GenerateResponse | ChatResponse
@@ -80,7 +88,7 @@ class Failed(NamedTuple):
     error: ErrorTuple
 
 
-Event = Text | ToolCalls | Done | Embedded | Failed
+Event = Text | ToolCalls | Prefill | Done | Embedded | Failed
 
 
 class Steps(NamedTuple):

@@ -33,6 +33,7 @@ from ember.serve.memory import (
 )
 from ember.serve.queue import Priority, RequestQueue
 from ember.serve.resolve import Limits, Resolved, resolve_request
+from ember.serve.stats import ServerStats
 from ember.store.gguf_file import read_gguf
 from ember.store.resolve import ModelSource, resolve_model
 from ember.types import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, GenerateRequest, GenerateResponse
@@ -170,6 +171,7 @@ class ModelManager:
         self.entries: dict[str, LoadedModelEntry] = {}
         self._loading: dict[str, tuple[asyncio.Future[LoadedModelEntry], LoadOptions]] = {}
         self._reserved: dict[str, int] = {}  # estimated bytes of the models being loaded
+        self.stats = ServerStats()  # answers and tokens over the last minute (/api/stats)
         self._idle = asyncio.Condition()
 
     # --- requests ------------------------------------------------------------------------------------
@@ -315,6 +317,8 @@ class ModelManager:
             ticket = await entry.queue.acquire(resolved.priority, timeout=remaining, batch=batch)
             try:
                 async for chunk in start(entry.runner):
+                    if getattr(chunk, "done", False):
+                        self.stats.record(chunk)
                     yield chunk
             finally:
                 ticket.release()

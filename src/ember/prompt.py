@@ -132,7 +132,7 @@ class PromptBuilder:
             return ChatPrompt(tokens, text)
         if not truncate:
             raise ContextOverflowError(len(tokens), num_ctx)
-        limit = _truncation_limit(num_ctx, sampling)
+        limit = prompt_limit(num_ctx, sampling)
         dropped = 0
         while len(tokens) > limit:
             droppable = [i for i, m in enumerate(conversation) if m.role != "system"][:-1]
@@ -160,13 +160,13 @@ class PromptBuilder:
             return tokens
         if not truncate:
             raise ContextOverflowError(len(tokens), num_ctx)
-        limit = _truncation_limit(num_ctx, sampling)
+        limit = prompt_limit(num_ctx, sampling)
         keep = min(max(sampling.num_keep, 0), limit // 2)
         return tokens[:keep] + tokens[len(tokens) - (limit - keep) :]
 
 
-def _truncation_limit(num_ctx: int, sampling: SamplingOptions) -> int:
-    """How long a truncated prompt may be: room is kept for the answer (num_predict, or a quarter)."""
+def prompt_limit(num_ctx: int, sampling: SamplingOptions) -> int:
+    """How long a truncated prompt may be: room is kept for the answer (num_predict, or a quarter, at most half)."""
     reserve = sampling.num_predict if sampling.num_predict > 0 else num_ctx // 4
     return max(1, num_ctx - max(1, min(reserve, num_ctx // 2)))
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pexpect
 import pytest
 
@@ -23,6 +24,13 @@ TIMEOUT_S = 90  # generous: answers take seconds, but a loaded CI machine can be
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's default
 PROMPT = ">>> "
+
+
+def _tokens_used(meter: str) -> int:
+    """The N of the `/context` line "N of M tokens used ..."."""
+    match = re.search(r"(\d+) of \d+ tokens used", meter)
+    assert match, meter
+    return int(match.group(1))
 
 
 class Chat:
@@ -107,7 +115,7 @@ def test_set_and_show_commands(chat: Chat) -> None:
     assert "usage: /show info | parameters | template | system" in chat.ask("/show nothing")
     assert "Unknown command '/frobnicate'. Type /? for help" in chat.ask("/frobnicate")
     help_text = chat.ask("/help")
-    for command in ("/set parameter", "/show", "/clear", "/save", "/load", "/context", "/bye", '"""'):
+    for command in ("/set parameter", "/show", "/clear", "/save", "/sessions", "/load", "/context", "/bye", '"""'):
         assert command in help_text
     chat.child.sendline("/bye")
     chat.child.expect(pexpect.EOF)
@@ -134,7 +142,8 @@ def test_old_turns_are_dropped_to_fit_num_ctx(chat: Chat) -> None:
     chat.ask("Tell me about the history of the Roman empire in detail, with dates and names of the emperors.")
     chat.ask("And about the history of Greece, with the names of its philosophers and the dates.")
     answer = chat.ask("And about the history of Egypt, with the names of the pharaohs and their dynasties.")
-    assert "(dropped 2 old messages to fit num_ctx 128)" in answer
+    assert re.search(r"\(dropped [2-4] old messages to fit num_ctx 128\)", answer)
+    assert "strategy sliding" in chat.ask("/context")
 
 
 def test_multi_line_input(chat: Chat) -> None:
@@ -173,17 +182,22 @@ def test_a_saved_session_continues_in_a_new_process(home: Path) -> None:
     first.greedy()
     first.ask(f"/set system {SMOLLM_SYSTEM}")
     first.ask("My name is Zed.")
-    assert "Saved session 'zed-chat' (2 messages)" in first.ask("/save zed-chat")
-    assert "invalid session name" in first.ask("/save bad/name")
+    assert "Saved conversation 'zed-chat' (2 messages)." in first.ask("/save zed-chat")
     assert first.quit() == 0
 
     second = Chat(home)
     second.prompt()
-    assert "no saved session named 'nope'" in second.ask("/load nope")
-    assert "Loaded session 'zed-chat': smollm2, 2 messages." in second.ask("/load zed-chat")
+    assert "no conversation with the id or title 'nope'" in second.ask("/load nope")
+    assert "zed-chat" in second.ask("/sessions") and "No conversations with 'quokka'" in second.ask("/sessions quokka")
+    assert re.search(
+        r"Loaded conversation 'zed-chat' \(conv_\w+\): smollm2, 2 messages\.", second.ask("/load zed-chat")
+    )
     assert SMOLLM_SYSTEM in second.ask("/show system")
     assert "temperature" in second.ask("/show parameters")
-    assert "Zed" in second.ask("What is my name? Answer with the name only.")
+    before = _tokens_used(second.ask("/context"))
+    second.ask("What is my name?")
+    meter = second.ask("/context")
+    assert "4 messages" in meter and _tokens_used(meter) > before > 20  # the new turn came after the saved one
     assert second.quit() == 0
 
 
@@ -228,3 +242,41 @@ def test_the_chat_goes_through_a_running_server(home: Path) -> None:
         assert time.monotonic() - started < 5
         assert "4 messages" in chat.ask("/context")
         assert chat.quit() == 0
+
+
+@pytest.mark.slow
+def test_the_repl_resumes_a_conversation_made_through_the_api(home: Path) -> None:
+    """Made with the HTTP API, resumed by a new REPL process through the server; the REPL's own conversation is
+    then listed by the API, its turns there."""
+    with serve_subprocess(env={"EMBER_HOME": str(home / "server")}) as (base, server_env):
+        made = httpx.post(
+            f"{base}/api/conversations",
+            json={
+                "title": "quokka facts",
+                "options": {"temperature": 0, "num_predict": 24, "repeat_penalty": 1.0},
+                "messages": [
+                    {"role": "user", "content": "My pet is a quokka named Quincy."},
+                    {"role": "assistant", "content": "Quincy the quokka sounds lovely!"},
+                ],
+            },
+            timeout=60,
+        ).json()["conversation"]
+        chat = Chat(home, env={"EMBER_HOST": server_env["EMBER_HOST"]})
+        chat.prompt()
+        listed = chat.ask("/sessions quokka")
+        assert made["id"] in listed and "quokka facts" in listed and "[quokka]" in listed
+        assert f"Loaded conversation 'quokka facts' ({made['id']}): smollm2" in chat.ask(f"/load {made['id']}")
+        chat.ask("What is the name of my pet? Answer with the name.")
+        assert "4 messages" in chat.ask("/context")
+        assert chat.quit() == 0
+        stored = httpx.get(f"{base}/api/conversations/{made['id']}", timeout=60).json()["messages"]
+        assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+        assert stored[3]["info"]["context"]["messages"] == 3  # its prompt held the history made through the API
+
+        mine = Chat(home, env={"EMBER_HOST": server_env["EMBER_HOST"]})
+        mine.prompt()
+        mine.greedy(8)
+        mine.ask("Hello from the terminal.")
+        assert mine.quit() == 0
+        rows = httpx.get(f"{base}/api/conversations", params={"origin": "repl"}, timeout=60).json()["conversations"]
+        assert [row["title"] for row in rows] == ["Hello from the terminal."] and rows[0]["message_count"] == 2

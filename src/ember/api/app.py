@@ -23,6 +23,8 @@ from ember import __version__
 from ember.api.anthropic import error_type, is_anthropic_path
 from ember.api.security import install_security
 from ember.config import Settings
+from ember.conversations.store import ConversationStore
+from ember.conversations.turns import ConversationService
 from ember.errors import EmberError, ServerBusyError
 from ember.jobs.schedules import server_scheduler
 from ember.serve.manager import ModelManager, parse_keep_alive
@@ -43,12 +45,18 @@ def create_manager(settings: Settings) -> ModelManager:
     )
 
 
+def create_conversations(settings: Settings, manager: ModelManager) -> ConversationService:
+    store = ConversationStore(settings.home / "ember.db")
+    return ConversationService(store, manager, default_model=settings.default_model)
+
+
 def create_app(settings: Settings | None = None, manager: ModelManager | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.manager = manager or create_manager(settings)
+        app.state.conversations = create_conversations(settings, app.state.manager)
         from ember.api.openai_batches import create_batch_service
 
         app.state.batches = create_batch_service(app.state.manager, settings)
@@ -62,6 +70,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
             await app.state.scheduler.stop()
             await app.state.batches.close()
             await app.state.manager.close()
+            app.state.conversations.close()
 
     app = FastAPI(
         title="ember",
@@ -73,7 +82,19 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     install_security(app, settings)
     _install_error_handlers(app)
 
-    from ember.api import anthropic, embeddings, native, ollama, ollama_models, openai, openai_batches, schedules
+    from ember.api import (
+        anthropic,
+        conversations,
+        embeddings,
+        native,
+        ollama,
+        ollama_models,
+        openai,
+        openai_batches,
+        openai_conversations,
+        openai_responses,
+        schedules,
+    )
 
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
@@ -83,6 +104,9 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     app.include_router(embeddings.router)
     app.include_router(openai_batches.router)
     app.include_router(schedules.router)
+    app.include_router(conversations.router)
+    app.include_router(openai_responses.router)
+    app.include_router(openai_conversations.router)
     return app
 
 

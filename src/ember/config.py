@@ -72,6 +72,23 @@ class Settings(BaseSettings):
     worker_max_attempts: int = Field(
         3, ge=1, le=100, description="Deliveries of one request before `ember worker` dead-letters it."
     )
+    first_token_timeout: float | None = Field(
+        None, gt=0, description="Seconds a request may wait for its first token once its model is loaded (504 after)."
+    )
+    total_timeout: float | None = Field(
+        None, gt=0, description='Seconds an answer may take in all, model load apart (504 after); "timeout" overrides.'
+    )
+    max_timeout: float = Field(
+        3600.0, gt=0, description='Largest total timeout a request may ask for ("timeout" or X-Ember-Timeout).'
+    )
+    shutdown_grace: float = Field(
+        10.0, ge=0, description="Seconds SIGTERM lets answers in flight finish before they end with an error."
+    )
+    log_max_bytes: int = Field(
+        20 * 1024 * 1024, ge=4096, description="Size at which logs/requests.jsonl and logs/server.jsonl rotate."
+    )
+    log_content: bool = Field(False, description="Also log each request's prompt and answer in requests.jsonl.")
+    metrics_public: bool = Field(False, description="Serve /metrics without an API key even when keys are set.")
     schedules: bool = Field(True, description="Run the stored schedules (`ember schedule`) inside `ember serve`.")
 
     @property

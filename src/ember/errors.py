@@ -116,3 +116,15 @@ class RequestTimeoutError(EmberError):
             "raise the request's timeout to wait longer, or try again when the server is less busy"
         )
         self.waited = waited
+
+
+class ResponseTimeoutError(EmberError):
+    """A request ran past its first-token or total timeout: its sequence was cancelled and its slot freed."""
+
+    http_status = 504
+
+
+class ServerShuttingDownError(EmberError):
+    """The server is stopping and this answer did not finish within the shutdown grace period."""
+
+    http_status = 503

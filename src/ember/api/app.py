@@ -21,19 +21,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember import __version__
 from ember.api.anthropic import error_type, is_anthropic_path
+from ember.api.request_log import install_request_log
 from ember.api.security import install_security
 from ember.config import Settings
 from ember.conversations.store import ConversationStore
 from ember.conversations.turns import ConversationService
 from ember.errors import EmberError, ServerBusyError
 from ember.jobs.schedules import server_scheduler
+from ember.serve.deadlines import Deadlines
+from ember.serve.events import JsonLines, ServerEvents
 from ember.serve.manager import ModelManager, parse_keep_alive
+from ember.serve.metrics import ServeMetrics
 from ember.serve.resolve import Limits
 
 log = logging.getLogger(__name__)
 
 
-def create_manager(settings: Settings) -> ModelManager:
+def create_manager(
+    settings: Settings, metrics: ServeMetrics | None = None, events: ServerEvents | None = None
+) -> ModelManager:
     return ModelManager(
         default_options={"num_parallel": settings.num_parallel},
         keep_alive=parse_keep_alive(settings.keep_alive, 300.0),
@@ -42,6 +48,10 @@ def create_manager(settings: Settings) -> ModelManager:
         limits=Limits.from_settings(settings),
         load_timeout=settings.load_timeout,
         batch_slots=settings.batch_slots,
+        deadlines=Deadlines(first_token=settings.first_token_timeout, total=settings.total_timeout),
+        metrics=metrics,
+        events=events,
+        log_content=settings.log_content,
     )
 
 
@@ -55,7 +65,8 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.manager = manager or create_manager(settings)
+        app.state.manager = manager or create_manager(settings, app.state.metrics, app.state.events)
+        app.state.metrics.watch(app.state.manager)
         app.state.conversations = create_conversations(settings, app.state.manager)
         from ember.api.openai_batches import create_batch_service
 
@@ -71,6 +82,8 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
             await app.state.batches.close()
             await app.state.manager.close()
             app.state.conversations.close()
+            if app.state.events.sink is not None:
+                app.state.events.sink.close()
 
     app = FastAPI(
         title="ember",
@@ -79,7 +92,10 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         description="A local LLM runtime: the Ollama API, the OpenAI API and native routes.",
     )
     app.state.settings = settings
+    app.state.metrics = ServeMetrics()
+    app.state.events = ServerEvents(JsonLines(settings.home / "logs" / "server.jsonl", settings.log_max_bytes))
     install_security(app, settings)
+    install_request_log(app, settings)  # outermost: refused requests get an id and a log line too
     _install_error_handlers(app)
 
     from ember.api import (

@@ -49,6 +49,7 @@ class Guard:
         bound_host, _ = settings.host_and_port
         self.check_host = bound_to_loopback(bound_host)
         self.allowed_hosts = {host.lower() for host in _split(settings.allowed_hosts)}
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -74,7 +75,7 @@ class Guard:
             host = headers.get("host", "")
             if not allowed_host(host, self.allowed_hosts):
                 return 403, f"host {host!r} is not allowed; add it to EMBER_ALLOWED_HOSTS to serve it"
-        if self.keys and scope.get("path") not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+        if self.keys and scope.get("path") not in self.open_paths and scope.get("method") != "OPTIONS":
             given = headers.get("authorization", "")
             token = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not any(hmac.compare_digest(token.encode(), key) for key in self.keys):

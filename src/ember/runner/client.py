@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
@@ -29,6 +29,7 @@ from ember.runner.protocol import (
     Failed,
     LoadFailed,
     Ready,
+    RunnerStats,
     Shutdown,
     Start,
     Steps,
@@ -77,6 +78,8 @@ class RunnerProcess:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._dead = False
         self._stopping = False
+        self.on_crash: Callable[[str], None] | None = None  # told the exit status when the process dies unasked
+        self.stats: RunnerStats | None = None  # the runner's last report of its KV cells and memory
 
     @property
     def alive(self) -> bool:
@@ -114,8 +117,10 @@ class RunnerProcess:
             self._loop.remove_reader(self._connection.fileno())
             self._closed()
 
-    def _dispatch(self, message: Steps | Ready | LoadFailed) -> None:
-        if isinstance(message, Steps):
+    def _dispatch(self, message: Steps | Ready | LoadFailed | RunnerStats) -> None:
+        if isinstance(message, RunnerStats):
+            self.stats = message
+        elif isinstance(message, Steps):
             for event in message.events:
                 queue = self._streams.get(event.request_id)
                 if queue is not None:
@@ -140,6 +145,8 @@ class RunnerProcess:
         log.error("runner for %s stopped unexpectedly (%s)", self.source.name, status)
         for queue in self._streams.values():
             queue.put_nowait(_Crashed(status))
+        if self.on_crash is not None:
+            self.on_crash(status)
 
     def _describe_exit(self) -> str:
         code = self._process.returncode if self._process is not None else None

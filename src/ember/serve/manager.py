@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 from ember.errors import InvalidRequestError, ModelLoadError
 from ember.options import LoadOptions
+from ember.serve.deadlines import Deadlines
+from ember.serve.events import ServerEvents
 from ember.serve.memory import (
     GpuDevice,
     ModelEstimate,
@@ -31,6 +33,8 @@ from ember.serve.memory import (
     memory_budget,
     plan_gpu_layers,
 )
+from ember.serve.metrics import ServeMetrics
+from ember.serve.observe import Observation
 from ember.serve.queue import Priority, RequestQueue
 from ember.serve.resolve import Limits, Resolved, resolve_request
 from ember.store.gguf_file import read_gguf
@@ -71,6 +75,7 @@ class Runner(Protocol):
     """What the manager needs of a runner; RunnerProcess in production, fakes in unit tests."""
 
     facts: dict[str, Any]
+    on_crash: Callable[[str], None] | None  # the manager's: told when the runner dies unasked
 
     @property
     def alive(self) -> bool: ...
@@ -154,6 +159,10 @@ class ModelManager:
         limits: Limits | None = None,
         load_timeout: float = 300.0,
         batch_slots: int | None = None,
+        deadlines: Deadlines | None = None,
+        metrics: ServeMetrics | None = None,
+        events: ServerEvents | None = None,
+        log_content: bool = False,
     ) -> None:
         self.runner_factory = runner_factory
         self.default_options = dict(default_options or {})
@@ -167,10 +176,15 @@ class ModelManager:
         self.limits = limits or Limits()
         self.load_timeout = load_timeout
         self.batch_slots = batch_slots  # None: all of a model's slots but one
+        self.deadlines = deadlines or Deadlines()  # first-token and total timeouts, the shutdown grace
+        self.metrics = metrics
+        self.events = events or ServerEvents()  # loads, unloads, crashes, circuit changes: logs and alerts
+        self.log_content = log_content  # keep prompts and answers in the request records
         self.entries: dict[str, LoadedModelEntry] = {}
         self._loading: dict[str, tuple[asyncio.Future[LoadedModelEntry], LoadOptions]] = {}
         self._reserved: dict[str, int] = {}  # estimated bytes of the models being loaded
         self._idle = asyncio.Condition()
+        self._crashed: set[str] = set()  # models whose last runner crashed: their next load is a restart
 
     # --- requests ------------------------------------------------------------------------------------
     # `batch=True` marks a batch line's request: it takes a slot in the queue's batch class (EMBER_BATCH_SLOTS).
@@ -306,19 +320,27 @@ class ModelManager:
         batch: bool = False,
     ) -> AsyncIterator[Any]:
         keep_alive = resolved.keep_alive
-        deadline = None if timeout is None else time.monotonic() + timeout
         entry = await self._entry(resolved.name, resolved.source, resolved.load, keep_alive)
         entry.active += 1
         self._cancel_expiry(entry)
+        observation = Observation(self.metrics, resolved.request, entry.name, with_content=self.log_content)
+        failure: BaseException | None = None
         try:
-            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            ticket = await entry.queue.acquire(resolved.priority, timeout=remaining, batch=batch)
+            started = asyncio.get_running_loop().time()  # time limits count from here: a load has its own
+            wait = self.deadlines.queue_limit(timeout, started)
+            ticket = await entry.queue.acquire(resolved.priority, timeout=wait, batch=batch)
+            observation.admitted()
             try:
-                async for chunk in start(entry.runner):
+                async for chunk in self.deadlines.timed(start(entry.runner), started):
+                    observation.chunk(chunk)
                     yield chunk
             finally:
                 ticket.release()
+        except BaseException as error:
+            failure = error
+            raise
         finally:
+            observation.finished(failure)
             entry.active -= 1
             entry.last_used = time.monotonic()
             entry.keep_alive = keep_alive
@@ -336,7 +358,7 @@ class ModelManager:
         while True:
             entry = self.entries.get(name)
             if entry is not None and not entry.runner.alive:  # it crashed: its requests failed; start afresh
-                await self._unload(entry)
+                await self._unload(entry, reason="its runner had crashed")
                 continue
             if (
                 entry is not None
@@ -449,6 +471,7 @@ class ModelManager:
             )
             self.entries[name] = entry
             log.info("loaded %s: %s", name, note)
+            self._loaded(entry)
             return entry
         raise ModelLoadError(f"not enough memory to load {name}; tried " + "; ".join(failures))
 
@@ -467,13 +490,38 @@ class ModelManager:
                 continue
             victim = min(idle, key=lambda entry: entry.last_used)
             log.info("unloading %s to make room", victim.name)
-            await self._unload(victim)
+            await self._unload(victim, reason=f"evicted to make room for {name}")
 
-    async def _unload(self, entry: LoadedModelEntry) -> None:
+    async def _unload(self, entry: LoadedModelEntry, reason: str = "unloaded") -> None:
         self._cancel_expiry(entry)
         if self.entries.get(entry.name) is entry:
             del self.entries[entry.name]
         await entry.runner.stop()
+        self.events.emit("unload", model=entry.name, reason=reason)
+        if self.metrics is not None:
+            self.metrics.unloads.labels(entry.name).inc()
+            if reason.startswith("evicted"):
+                self.metrics.evictions.labels(entry.name).inc()
+
+    def _loaded(self, entry: LoadedModelEntry) -> None:
+        """Note a load (a restart when the model's last runner crashed), and hear of its runner's crash."""
+        seconds = int(entry.runner.facts.get("load_duration", 0)) / 1e9
+        restart = entry.name in self._crashed
+        self._crashed.discard(entry.name)
+        self.events.emit("load", model=entry.name, seconds=round(seconds, 3), note=entry.load_note, restart=restart)
+        if self.metrics is not None:
+            self.metrics.loads.labels(entry.name).inc()
+            self.metrics.load_time.labels(entry.name).observe(seconds)
+            if restart:
+                self.metrics.restarts.labels(entry.name).inc()
+
+        def crashed(status: str) -> None:
+            self._crashed.add(entry.name)
+            self.events.emit("runner_crash", model=entry.name, status=status)
+            if self.metrics is not None:
+                self.metrics.crashes.labels(entry.name).inc()
+
+        entry.runner.on_crash = crashed
 
     # --- keep_alive ----------------------------------------------------------------------------------
 
@@ -504,7 +552,7 @@ class ModelManager:
     async def _expire(self, entry: LoadedModelEntry) -> None:
         if entry.idle and self.entries.get(entry.name) is entry:
             log.info("keep_alive expired: unloading %s", entry.name)
-            await self._unload(entry)
+            await self._unload(entry, reason="keep_alive expired")
 
     # --- management ----------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from ember.serve.deadlines import Deadlines
 from ember.serve.events import JsonLines, ServerEvents
 from ember.serve.manager import ModelManager, parse_keep_alive
 from ember.serve.metrics import ServeMetrics
+from ember.serve.tracking import current_request
 from ember.serve.resolve import Limits
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,9 @@ def error_body(path: str, status: int, message: str, kind: str | None = None) ->
 def error_response(
     request: Request, status: int, message: str, headers: dict[str, str] | None = None, kind: str | None = None
 ) -> JSONResponse:
+    record = current_request()
+    if record is not None:  # the request log's line says why
+        record.error = message
     return JSONResponse(error_body(request.url.path, status, message, kind), status_code=status, headers=headers)
 
 

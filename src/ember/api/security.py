@@ -139,6 +139,11 @@ class BodyTooLarge(Exception):
 
 
 async def _refuse(scope: Scope, send: Any, status: int, message: str) -> None:
+    from ember.serve.tracking import current_request
+
+    record = current_request()
+    if record is not None:  # the request log's line says why it was refused
+        record.error = message
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return

@@ -51,7 +51,7 @@ class Observation:
             message = getattr(chunk, "message", None)
             if text is None and message is not None:
                 text = message.content
-            if text and not getattr(chunk, "done", False):
+            if text:
                 record.answer.append(text)
         if getattr(chunk, "done", False):
             if self.metrics is not None:

@@ -32,8 +32,8 @@ from ember.serve.deadlines import Deadlines
 from ember.serve.events import JsonLines, ServerEvents
 from ember.serve.manager import ModelManager, parse_keep_alive
 from ember.serve.metrics import ServeMetrics
-from ember.serve.tracking import current_request
 from ember.serve.resolve import Limits
+from ember.serve.tracking import current_request
 
 log = logging.getLogger(__name__)
 

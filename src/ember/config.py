@@ -89,6 +89,24 @@ class Settings(BaseSettings):
     )
     log_content: bool = Field(False, description="Also log each request's prompt and answer in requests.jsonl.")
     metrics_public: bool = Field(False, description="Serve /metrics without an API key even when keys are set.")
+    fallbacks: str = Field(
+        "", description='Fallback models, "model=fallback1,fallback2;other=fallback3" (besides PARAMETER fallback).'
+    )
+    circuit_failures: int = Field(3, ge=1, description="Runner crashes or failed loads that open a model's circuit.")
+    circuit_window: float = Field(60.0, gt=0, description="Seconds within which those failures count.")
+    circuit_cooldown: float = Field(30.0, gt=0, description="Seconds an open circuit refuses before one probe.")
+    alert_webhook: str = Field("", description="URL that alerts are POSTed to as JSON.")
+    alert_smtp: str = Field("", description="Mail server for alerts: smtp://[user:password@]host[:port] (smtps://).")
+    alert_mail_to: str = Field("root@localhost", description="Who alert mails go to.")
+    alert_mail_from: str = Field("ember@localhost", description="The sender of alert mails.")
+    alert_interval: float = Field(300.0, ge=0, description="Seconds before the same alert is sent again.")
+    alert_ttft_p95_ms: float | None = Field(
+        None, gt=0, description="Alert when time to first token p95 over 5 minutes is above this (ms)."
+    )
+    alert_gpu_temperature: float | None = Field(None, gt=0, description="Alert when a GPU is hotter (°C).")
+    probe_interval: float | None = Field(
+        None, gt=0, description="Seconds between self-probes (a one-token generation); a failure alerts."
+    )
     schedules: bool = Field(True, description="Run the stored schedules (`ember schedule`) inside `ember serve`.")
 
     @property
@@ -100,6 +118,15 @@ class Settings(BaseSettings):
         text = text.rstrip("/")
         host, _, port = text.rpartition(":") if ":" in text.rsplit("]", 1)[-1] else (text, "", "")
         return (host.strip("[]") or "127.0.0.1"), int(port or 11434)
+
+    def fallback_map(self) -> dict[str, list[str]]:
+        """EMBER_FALLBACKS as {model: [fallback, ...]}."""
+        mapping: dict[str, list[str]] = {}
+        for part in self.fallbacks.split(";"):
+            model, _, names = part.partition("=")
+            if model.strip() and names.strip():
+                mapping[model.strip()] = [name.strip() for name in names.split(",") if name.strip()]
+        return mapping
 
     @property
     def base_url(self) -> str:

@@ -67,6 +67,7 @@ class ModelLoadError(EmberError):
     """llama.cpp refused a model or context (unsupported architecture, out of memory ...)."""
 
     http_status = 500
+    transient = False  # True when another try may well succeed (the runner died while loading)
 
 
 class TemplateError(EmberError):

@@ -26,8 +26,10 @@ from ember.api.security import install_security
 from ember.config import Settings
 from ember.conversations.store import ConversationStore
 from ember.conversations.turns import ConversationService
-from ember.errors import EmberError, ServerBusyError
+from ember.errors import EmberError
 from ember.jobs.schedules import server_scheduler
+from ember.serve.alerts import Alerts
+from ember.serve.circuit import CircuitBreakers
 from ember.serve.deadlines import Deadlines
 from ember.serve.events import JsonLines, ServerEvents
 from ember.serve.manager import ModelManager, parse_keep_alive
@@ -53,6 +55,13 @@ def create_manager(
         metrics=metrics,
         events=events,
         log_content=settings.log_content,
+        breakers=CircuitBreakers(
+            threshold=settings.circuit_failures,
+            window=settings.circuit_window,
+            cooldown=settings.circuit_cooldown,
+            events=events,
+        ),
+        fallbacks=settings.fallback_map(),
     )
 
 
@@ -74,12 +83,17 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         app.state.batches = create_batch_service(app.state.manager, settings)
         await app.state.batches.start()  # resumes the batches a stopped server left unfinished
         app.state.scheduler = server_scheduler(settings.home, app.state.manager)
+        app.state.alerts = Alerts(settings, manager=app.state.manager, latencies=app.state.metrics.recent_ttft)
+        app.state.events.listeners.append(app.state.alerts.on_event)
+        app.state.scheduler.on_failure = app.state.alerts.scheduled_run_failed
+        await app.state.alerts.start()
         if settings.schedules:
             await app.state.scheduler.start()
         try:
             yield
         finally:
             await app.state.scheduler.stop()
+            await app.state.alerts.stop()
             await app.state.batches.close()
             await app.state.manager.close()
             app.state.conversations.close()
@@ -153,7 +167,8 @@ def error_response(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EmberError)
     async def ember_error(request: Request, error: EmberError) -> JSONResponse:
-        headers = {"Retry-After": str(error.retry_after)} if isinstance(error, ServerBusyError) else None
+        retry_after = getattr(error, "retry_after", None)  # busy, or a model whose circuit is open
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         kind = "not_found_error" if error.http_status == 404 else None
         return error_response(request, error.http_status, str(error), headers, kind)
 

@@ -137,10 +137,10 @@ class RunnerProcess:
                 self._process.wait(timeout=5)
         status = self._describe_exit()
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(
-                ModelLoadError(f"the runner for {self.source.name} exited while loading ({status})")
-            )
-        if self._stopping:
+            failure = ModelLoadError(f"the runner for {self.source.name} exited while loading ({status})")
+            failure.transient = True  # killed or crashed, not refused by llama.cpp: worth another try
+            self._ready.set_exception(failure)
+        if self._stopping or not self.facts:  # stopped on purpose, or ended with its load (a load error, not a crash)
             return
         log.error("runner for %s stopped unexpectedly (%s)", self.source.name, status)
         for queue in self._streams.values():

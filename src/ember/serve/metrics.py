@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,9 +27,37 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
+TTFT_WINDOW = 300.0  # seconds over which the alerts' TTFT p95 rule looks
+
+
+class RecentLatencies:
+    """Times to first token of the last TTFT_WINDOW seconds, for the p95 rule."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.samples: deque[tuple[float, float]] = deque()
+
+    def add(self, seconds: float) -> None:
+        self.samples.append((self.clock(), seconds))
+        self._trim()
+
+    def _trim(self) -> None:
+        horizon = self.clock() - TTFT_WINDOW
+        while self.samples and self.samples[0][0] < horizon:
+            self.samples.popleft()
+
+    def p95(self) -> float | None:
+        self._trim()
+        if not self.samples:
+            return None
+        values = sorted(value for _, value in self.samples)
+        return values[min(len(values) - 1, int(0.95 * len(values)))]
+
+
 class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.recent_ttft = RecentLatencies()  # for the alerts' p95 rule (a histogram has no time window)
 
         def counter(name: str, text: str, labels: tuple[str, ...] = ("model",)) -> Counter:
             return Counter(name, text, list(labels), registry=self.registry)

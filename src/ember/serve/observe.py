@@ -25,6 +25,7 @@ class Observation:
         self.with_content = with_content
         self.started = time.monotonic()
         self.first = True
+        self.completed = False  # a final chunk (or an embedding) came: the consumer may stop reading after it
         if self.record is not None:
             self.record.model = self.record.model or asked_for
             self.record.served_by = served_by
@@ -42,7 +43,9 @@ class Observation:
         if self.first:
             self.first = False
             if self.metrics is not None:
-                self.metrics.ttft.labels(self.model).observe(time.monotonic() - self.started)
+                ttft = time.monotonic() - self.started
+                self.metrics.ttft.labels(self.model).observe(ttft)
+                self.metrics.recent_ttft.add(ttft)
             if self.record is not None and self.record.ttft is None:
                 self.record.ttft = self.record.elapsed()
         record = self.record
@@ -53,6 +56,8 @@ class Observation:
                 text = message.content
             if text:
                 record.answer.append(text)
+        if not hasattr(chunk, "done") or chunk.done:
+            self.completed = True
         if getattr(chunk, "done", False):
             if self.metrics is not None:
                 self.metrics.observe_final(self.model, chunk)
@@ -62,6 +67,8 @@ class Observation:
                 record.cached_tokens += chunk.prompt_cached_count or 0
 
     def finished(self, error: BaseException | None) -> None:
+        if isinstance(error, GeneratorExit) and self.completed:
+            error = None  # the caller stopped reading after the answer's end
         if self.metrics is not None:
             self.metrics.e2e.labels(self.model).observe(time.monotonic() - self.started)
             if isinstance(error, ResponseTimeoutError | ServerShuttingDownError):

@@ -36,6 +36,7 @@ class RequestRecord:
     total_timeout: float | None = None  # asked for by this request ("timeout" or X-Ember-Timeout); None: default
     model: str | None = None  # the model asked for
     served_by: str | None = None  # the model that answered (a fallback may answer for the one asked for)
+    fell_back: bool = False  # served_by is a fallback of the model asked for
     status: int | None = None
     prompt_tokens: int = 0
     eval_tokens: int = 0

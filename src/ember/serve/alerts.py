@@ -149,6 +149,10 @@ class Alerts:
         self.last_sent[(rule, subject)] = now
         payload = {"time": utc_time(time.time()), "rule": rule, "subject": subject, "message": message}
         log.warning("alert %s: %s", rule, message)
+        return self._send(payload)
+
+    def _send(self, payload: dict[str, Any]) -> bool:
+        """Deliver in the background, on the server's loop (from a worker thread too: a schedule's hook)."""
         loop = self._loop
         if loop is None:
             return False
@@ -158,7 +162,7 @@ class Alerts:
             running = None
         if running is loop:
             self._spawn(payload)
-        else:  # from a worker thread (a schedule's hook runs there)
+        else:
             loop.call_soon_threadsafe(self._spawn, payload)
         return True
 

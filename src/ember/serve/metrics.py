@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -51,7 +52,7 @@ class RecentLatencies:
         if not self.samples:
             return None
         values = sorted(value for _, value in self.samples)
-        return values[min(len(values) - 1, int(0.95 * len(values)))]
+        return values[max(0, math.ceil(0.95 * len(values)) - 1)]  # nearest rank
 
 
 class ServeMetrics:

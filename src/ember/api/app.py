@@ -10,6 +10,7 @@ the status the EmberError carries; nothing else, and never a traceback.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     )
     app.state.settings = settings
     app.state.metrics = ServeMetrics()
+    app.state.recent_errors = deque(maxlen=50)  # GET /api/errors, for `ember top`
     app.state.events = ServerEvents(JsonLines(settings.home / "logs" / "server.jsonl", settings.log_max_bytes))
     install_security(app, settings)
     install_request_log(app, settings)  # outermost: refused requests get an id and a log line too

@@ -82,6 +82,12 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=METRICS_CONTENT_TYPE)
 
 
+@router.get("/api/errors")
+async def recent_errors(request: Request) -> dict[str, Any]:
+    """The last requests that failed (status 400 and up), oldest first: what `ember top` shows."""
+    return {"errors": list(request.app.state.recent_errors)}
+
+
 @router.websocket("/api/ws")
 async def stream_socket(socket: WebSocket) -> None:
     """Each message `{"type": "generate"|"chat", ...request}` is answered by chunk messages (Ollama's shape),

@@ -15,6 +15,7 @@ from typing import Any
 from ember.config import Settings
 from ember.errors import EmberError
 from ember.serve.events import JsonLines, utc_time
+from ember.serve.observe import CLIENT_LEFT
 from ember.serve.tracking import (
     TIMEOUT_HEADER,
     RequestRecord,
@@ -114,6 +115,17 @@ class RequestTracker:
         metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
         if metrics is not None:
             metrics.count_request(template, record.method, record.status or 0)
+        if record.error and not record.error.startswith(CLIENT_LEFT) and "app" in scope:  # GET /api/errors
+            scope["app"].state.recent_errors.append(
+                {
+                    "time": utc_time(record.arrived),
+                    "route": record.route,
+                    "status": record.status,
+                    "model": record.model,
+                    "error": record.error[:300],
+                    "id": record.id,
+                }
+            )
         if record.route in UNLOGGED_PATHS:
             return
         try:

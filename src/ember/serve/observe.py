@@ -11,6 +11,8 @@ from ember.errors import ResponseTimeoutError, ServerShuttingDownError
 from ember.serve.metrics import ServeMetrics
 from ember.serve.tracking import current_request
 
+CLIENT_LEFT = "the client went away before the answer ended"
+
 
 class Observation:
     """One request on one model, from the moment the model is ready for it."""
@@ -76,6 +78,6 @@ class Observation:
                 self.metrics.timeouts.labels(self.model, kind).inc()
         if error is not None and self.record is not None:
             if isinstance(error, GeneratorExit | asyncio.CancelledError):
-                self.record.error = "the client went away before the answer ended"
+                self.record.error = CLIENT_LEFT
             else:
                 self.record.error = str(error) or type(error).__name__

@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     probe_interval: float | None = Field(
         None, gt=0, description="Seconds between self-probes (a one-token generation); a failure alerts."
     )
+    response_cache: int = Field(
+        0, ge=0, description="Answers of deterministic requests (temperature 0 or a seed) kept for exact repeats."
+    )
     schedules: bool = Field(True, description="Run the stored schedules (`ember schedule`) inside `ember serve`.")
 
     @property

@@ -36,6 +36,7 @@ from ember.serve.events import JsonLines, ServerEvents
 from ember.serve.manager import ModelManager, parse_keep_alive
 from ember.serve.metrics import ServeMetrics
 from ember.serve.resolve import Limits
+from ember.serve.response_cache import ResponseCache
 from ember.serve.tracking import current_request
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def create_manager(
             events=events,
         ),
         fallbacks=settings.fallback_map(),
+        response_cache=ResponseCache(settings.response_cache) if settings.response_cache else None,
     )
 
 

@@ -100,6 +100,8 @@ class RequestTracker:
                 extra = [(b"x-request-id", record.id.encode())]
                 if record.served_by:
                     extra.append((b"x-ember-model", record.served_by.encode("utf-8", "replace")))
+                if record.from_cache:
+                    extra.append((b"x-ember-cache", b"hit"))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "websocket.accept":
                 record.status = 101

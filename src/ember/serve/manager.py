@@ -38,6 +38,7 @@ from ember.serve.metrics import ServeMetrics
 from ember.serve.observe import Observation
 from ember.serve.queue import Priority, RequestQueue
 from ember.serve.resolve import Limits, Resolved, resolve_request
+from ember.serve.response_cache import ResponseCache, through_cache
 from ember.store.gguf_file import read_gguf
 from ember.store.resolve import ModelSource, resolve_model
 from ember.types import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, GenerateRequest, GenerateResponse
@@ -81,6 +82,7 @@ class ModelManager:
         fallbacks: dict[str, list[str]] | None = None,
         load_retries: int = 2,
         load_backoff: float = 0.5,
+        response_cache: ResponseCache | None = None,
     ) -> None:
         self.runner_factory = runner_factory
         self.default_options = dict(default_options or {})
@@ -102,6 +104,7 @@ class ModelManager:
         self.fallbacks = dict(fallbacks or {})  # model -> models that answer when it cannot (besides its own)
         self.load_retries = load_retries  # a load that failed for a transient reason is tried again ...
         self.load_backoff = load_backoff  # ... after this many seconds, doubling each time
+        self.response_cache = response_cache  # None: off (EMBER_RESPONSE_CACHE)
         self.entries: dict[str, LoadedModelEntry] = {}
         self._loading: dict[str, tuple[asyncio.Future[LoadedModelEntry], LoadOptions]] = {}
         self._reserved: dict[str, int] = {}  # estimated bytes of the models being loaded
@@ -152,7 +155,8 @@ class ModelManager:
             for index in range(n):
                 yield index, loaded
             return
-        async for item in self._serve(resolved, lambda runner, req: runner.generate_choices(req, n), timeout, batch):
+        serving = self._serve(resolved, lambda runner, req: runner.generate_choices(req, n), timeout, batch)
+        async for item in self._cached(resolved, n, serving):
             yield item
 
     async def chat_choices(
@@ -170,7 +174,8 @@ class ModelManager:
             for index in range(n):
                 yield index, loaded
             return
-        async for item in self._serve(resolved, lambda runner, req: runner.chat_choices(req, n), timeout, batch):
+        serving = self._serve(resolved, lambda runner, req: runner.chat_choices(req, n), timeout, batch)
+        async for item in self._cached(resolved, n, serving):
             yield item
 
     async def embed(
@@ -276,6 +281,11 @@ class ModelManager:
             elif probe and entry.runner.alive:  # not a crash (that reopens the circuit): let another probe
                 self.breakers.abandoned(entry.name)
             await self._release(entry, candidate.keep_alive)
+
+    def _cached(
+        self, resolved: Resolved[Any], n: int, serving: AsyncIterator[tuple[int, Any]]
+    ) -> AsyncIterator[tuple[int, Any]]:
+        return through_cache(self.response_cache, self.metrics, resolved, n, serving)
 
     async def _admit(
         self, resolved: Resolved[Any], timeout: float | None, batch: bool

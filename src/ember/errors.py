@@ -129,3 +129,9 @@ class ServerShuttingDownError(EmberError):
     """The server is stopping and this answer did not finish within the shutdown grace period."""
 
     http_status = 503
+
+
+class DiskFullError(EmberError):
+    """The disk holding EMBER_HOME is full: the write was abandoned whole (507 Insufficient Storage)."""
+
+    http_status = 507

@@ -6,7 +6,7 @@ from functools import cache
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -121,6 +121,15 @@ class Settings(BaseSettings):
         text = text.rstrip("/")
         host, _, port = text.rpartition(":") if ":" in text.rsplit("]", 1)[-1] else (text, "", "")
         return (host.strip("[]") or "127.0.0.1"), int(port or 11434)
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _fallbacks_are_pairs(cls, value: str) -> str:
+        for part in value.split(";"):
+            model, equals, names = part.partition("=")
+            if part.strip() and (not equals or not model.strip() or not names.strip()):
+                raise ValueError(f'{part.strip()!r} is not "model=fallback1,fallback2"; separate models with ";"')
+        return value
 
     def fallback_map(self) -> dict[str, list[str]]:
         """EMBER_FALLBACKS as {model: [fallback, ...]}."""

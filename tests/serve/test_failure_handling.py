@@ -155,3 +155,31 @@ async def _full_queue(models: dict[str, ModelSource]) -> None:  # noqa: F811
     chunks = [chunk async for chunk in manager.generate(GenerateRequest(model="a", prompt="y"))]
     assert chunks[-1].done and chunks[0].model == "b"
     await first.aclose()
+
+
+def test_a_failed_self_probe_and_a_failed_scheduled_run_alert(models: dict[str, ModelSource]) -> None:  # noqa: F811
+    clock = Clock()
+    alerts, sent = _alerts(clock, default_model="a", load_timeout=5.0)
+    FakeRunner.fail_when = lambda options: "the runner exited while loading (killed by SIGKILL)"
+    alerts.manager = _manager(models, load_retries=0)
+    asyncio.run(alerts.probe())
+    assert [alert["rule"] for alert in sent] == ["probe_failed"]
+    assert "self-probe failed" in sent[0]["message"] and "SIGKILL" in sent[0]["message"]
+    FakeRunner.fail_when = None
+    asyncio.run(alerts.probe())  # a working model: no alert
+    assert len(sent) == 1
+    alerts.scheduled_run_failed(SimpleNamespace(name="nightly"), SimpleNamespace(id=3, error="the model is gone"))
+    assert sent[-1]["rule"] == "schedule_failed" and "nightly" in sent[-1]["message"]
+
+
+def test_fallbacks_setting_is_read_and_checked() -> None:
+    from pydantic import ValidationError
+
+    from ember.config import Settings
+
+    assert Settings(fallbacks="big=small,tiny; other:v1=small").fallback_map() == {
+        "big": ["small", "tiny"],
+        "other:v1": ["small"],
+    }
+    with pytest.raises(ValidationError, match="model=fallback1,fallback2"):
+        Settings(fallbacks="big small")

@@ -175,3 +175,24 @@ def test_no_gpu_metrics_when_nvml_reports_no_device_or_fails(monkeypatch: pytest
 
     monkeypatch.setitem(sys.modules, "pynvml", Broken(count=1))
     assert nvml_readings() == []
+
+
+def test_the_alert_rules_file_names_only_metrics_ember_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    rules = (Path(__file__).parents[2] / "docs" / "alerts.rules.yml").read_text()
+    named = set(re.findall(r"\bember_[a-z_]+", rules))
+    assert named
+    metrics = ServeMetrics()
+    queue = SimpleNamespace(queued=0, in_use=0, slots=1)
+    stats = SimpleNamespace(kv_cells_used=0, kv_cells_total=1, rss_bytes=1)
+    entry = SimpleNamespace(queue=queue, runner=SimpleNamespace(stats=stats))
+    breakers = SimpleNamespace(circuits={"m": SimpleNamespace(is_open=lambda: False)})
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(count=1))
+    metrics.watch(SimpleNamespace(entries={"m": entry}, breakers=breakers))
+    metrics.ttft.labels("m").observe(0.1)
+    for counter in (metrics.crashes, metrics.timeouts):
+        (counter.labels("m", "timeout") if counter is metrics.timeouts else counter.labels("m")).inc()
+    served = {sample.name for family in text_string_to_metric_families(metrics.exposition().decode())
+              for sample in family.samples}  # fmt: skip
+    assert named <= served, named - served

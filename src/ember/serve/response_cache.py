@@ -84,10 +84,13 @@ async def through_cache(
         return
     kept: list[tuple[int, Any]] = []
     finished = 0
-    async for item in serving:
-        if cache is not None and key is not None:
-            kept.append(item)
-            finished += bool(item[1].done)
-            if finished == n:  # stored before the last chunk goes out: a caller may stop reading after it
-                cache.put(key, kept)
-        yield item
+    try:
+        async for item in serving:
+            if cache is not None and key is not None:
+                kept.append(item)
+                finished += bool(item[1].done)
+                if finished == n:  # stored before the last chunk goes out: a caller may stop reading after it
+                    cache.put(key, kept)
+            yield item
+    finally:
+        await serving.aclose()  # a caller that stops early frees the slot now, not when this is collected

@@ -96,7 +96,9 @@ class Settings(BaseSettings):
     circuit_window: float = Field(60.0, gt=0, description="Seconds within which those failures count.")
     circuit_cooldown: float = Field(30.0, gt=0, description="Seconds an open circuit refuses before one probe.")
     alert_webhook: str = Field("", description="URL that alerts are POSTed to as JSON.")
-    alert_smtp: str = Field("", description="Mail server for alerts: smtp://[user:password@]host[:port] (smtps://).")
+    alert_smtp: str = Field(
+        "", description="Mail server for alerts: smtp://host:port or smtp://user:password@host:port (smtps:// for TLS)."
+    )
     alert_mail_to: str = Field("root@localhost", description="Who alert mails go to.")
     alert_mail_from: str = Field("ember@localhost", description="The sender of alert mails.")
     alert_interval: float = Field(300.0, ge=0, description="Seconds before the same alert is sent again.")

@@ -6,7 +6,7 @@ from functools import cache
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -78,6 +78,46 @@ class Settings(BaseSettings):
     worker_max_attempts: int = Field(
         3, ge=1, le=100, description="Deliveries of one request before `ember worker` dead-letters it."
     )
+    first_token_timeout: float | None = Field(
+        None, gt=0, description="Seconds a request may wait for its first token once its model is loaded (504 after)."
+    )
+    total_timeout: float | None = Field(
+        None, gt=0, description='Seconds an answer may take in all, model load apart (504 after); "timeout" overrides.'
+    )
+    max_timeout: float = Field(
+        3600.0, gt=0, description='Largest total timeout a request may ask for ("timeout" or X-Ember-Timeout).'
+    )
+    shutdown_grace: float = Field(
+        10.0, ge=0, description="Seconds SIGTERM lets answers in flight finish before they end with an error."
+    )
+    log_max_bytes: int = Field(
+        20 * 1024 * 1024, ge=4096, description="Size at which logs/requests.jsonl and logs/server.jsonl rotate."
+    )
+    log_content: bool = Field(False, description="Also log each request's prompt and answer in requests.jsonl.")
+    metrics_public: bool = Field(False, description="Serve /metrics without an API key even when keys are set.")
+    fallbacks: str = Field(
+        "", description='Fallback models, "model=fallback1,fallback2;other=fallback3" (besides PARAMETER fallback).'
+    )
+    circuit_failures: int = Field(3, ge=1, description="Runner crashes or failed loads that open a model's circuit.")
+    circuit_window: float = Field(60.0, gt=0, description="Seconds within which those failures count.")
+    circuit_cooldown: float = Field(30.0, gt=0, description="Seconds an open circuit refuses before one probe.")
+    alert_webhook: str = Field("", description="URL that alerts are POSTed to as JSON.")
+    alert_smtp: str = Field(
+        "", description="Mail server for alerts: smtp://host:port or smtp://user:password@host:port (smtps:// for TLS)."
+    )
+    alert_mail_to: str = Field("root@localhost", description="Who alert mails go to.")
+    alert_mail_from: str = Field("ember@localhost", description="The sender of alert mails.")
+    alert_interval: float = Field(300.0, ge=0, description="Seconds before the same alert is sent again.")
+    alert_ttft_p95_ms: float | None = Field(
+        None, gt=0, description="Alert when time to first token p95 over 5 minutes is above this (ms)."
+    )
+    alert_gpu_temperature: float | None = Field(None, gt=0, description="Alert when a GPU is hotter (°C).")
+    probe_interval: float | None = Field(
+        None, gt=0, description="Seconds between self-probes (a one-token generation); a failure alerts."
+    )
+    response_cache: int = Field(
+        0, ge=0, description="Answers of deterministic requests (temperature 0 or a seed) kept for exact repeats."
+    )
     schedules: bool = Field(True, description="Run the stored schedules (`ember schedule`) inside `ember serve`.")
 
     @property
@@ -89,6 +129,24 @@ class Settings(BaseSettings):
         text = text.rstrip("/")
         host, _, port = text.rpartition(":") if ":" in text.rsplit("]", 1)[-1] else (text, "", "")
         return (host.strip("[]") or "127.0.0.1"), int(port or 11434)
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _fallbacks_are_pairs(cls, value: str) -> str:
+        for part in value.split(";"):
+            model, equals, names = part.partition("=")
+            if part.strip() and (not equals or not model.strip() or not names.strip()):
+                raise ValueError(f'{part.strip()!r} is not "model=fallback1,fallback2"; separate models with ";"')
+        return value
+
+    def fallback_map(self) -> dict[str, list[str]]:
+        """EMBER_FALLBACKS as {model: [fallback, ...]}."""
+        mapping: dict[str, list[str]] = {}
+        for part in self.fallbacks.split(";"):
+            model, _, names = part.partition("=")
+            if model.strip() and names.strip():
+                mapping[model.strip()] = [name.strip() for name in names.split(",") if name.strip()]
+        return mapping
 
     @property
     def base_url(self) -> str:

@@ -67,6 +67,7 @@ class ModelLoadError(EmberError):
     """llama.cpp refused a model or context (unsupported architecture, out of memory ...)."""
 
     http_status = 500
+    transient = False  # True when another try may well succeed (the runner died while loading)
 
 
 class TemplateError(EmberError):
@@ -116,3 +117,21 @@ class RequestTimeoutError(EmberError):
             "raise the request's timeout to wait longer, or try again when the server is less busy"
         )
         self.waited = waited
+
+
+class ResponseTimeoutError(EmberError):
+    """A request ran past its first-token or total timeout: its sequence was cancelled and its slot freed."""
+
+    http_status = 504
+
+
+class ServerShuttingDownError(EmberError):
+    """The server is stopping and this answer did not finish within the shutdown grace period."""
+
+    http_status = 503
+
+
+class DiskFullError(EmberError):
+    """The disk holding EMBER_HOME is full: the write was abandoned whole (507 Insufficient Storage)."""
+
+    http_status = 507

@@ -29,7 +29,9 @@ def _runner_pids(parent: int) -> list[int]:
 
 
 def test_sigterm_lets_a_stream_finish_and_stops_the_runners() -> None:
-    with serve_process() as (server, base, _):
+    # A long grace period: this test is about a stream that finishes (on a busy machine 60 tokens can take
+    # longer than the default 10 s; what happens past the grace period is tests/reliability/test_sigterm.py's).
+    with serve_process({"EMBER_SHUTDOWN_GRACE": "120"}) as (server, base, _):
         body = {
             "model": "smollm2",
             "prompt": "1, 2, 3, 4,",
@@ -51,10 +53,10 @@ def test_sigterm_lets_a_stream_finish_and_stops_the_runners() -> None:
         runners = _runner_pids(server.pid)
         assert len(runners) == 1
         server.send_signal(signal.SIGTERM)
-        reader.join(timeout=30)
-        assert lines[-1]["done"] is True, lines[-1]
+        reader.join(timeout=150)
+        assert lines[-1].get("done") is True, lines[-1]
         assert lines[-1]["done_reason"] == "length" and lines[-1]["eval_count"] == 60  # it finished, not cut
-        assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its cleanup
+        assert server.wait(timeout=30) == 0  # a graceful stop is a success (uvicorn alone would exit -15)
         for pid in runners:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         try:

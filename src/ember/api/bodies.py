@@ -14,6 +14,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from ember.errors import InvalidRequestError
+from ember.serve.tracking import take_body_timeout
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
@@ -29,6 +30,7 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise InvalidRequestError(f"the request body is not valid JSON: {error}") from None
     if not isinstance(value, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    take_body_timeout(value, request.app.state.settings.max_timeout)  # ember's "timeout", on every route
     return value
 
 

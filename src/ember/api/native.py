@@ -1,18 +1,20 @@
-"""ember's own routes: liveness and readiness, tokenizing, the server's live numbers (/api/stats), and a
-WebSocket stream of tokens."""
+"""ember's own routes: liveness and readiness, metrics, tokenizing, the server's live numbers (/api/stats), and
+a WebSocket stream of tokens."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 
 from ember.api import schemas
 from ember.api.bodies import parse, read_json
 from ember.api.ollama import chunk_json, manager_of
 from ember.api.ollama_protocol import OllamaChatRequest, OllamaGenerateRequest
 from ember.errors import EmberError, InvalidRequestError
+from ember.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ember.serve.tracking import RequestRecord, open_request, request_id, take_body_timeout
 from ember.store.resolve import resolve_model
 
 router = APIRouter()
@@ -74,6 +76,19 @@ async def detokenize(request: Request) -> dict[str, Any]:
     return {"model": name, "content": text}
 
 
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (serve/metrics.py); behind the API key unless EMBER_METRICS_PUBLIC=1."""
+    body = await asyncio.to_thread(request.app.state.metrics.exposition)  # NVML reads may block briefly
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+
+@router.get("/api/errors")
+async def recent_errors(request: Request) -> dict[str, Any]:
+    """The last requests that failed (status 400 and up), oldest first: what `ember top` shows."""
+    return {"errors": list(request.app.state.recent_errors)}
+
+
 @router.websocket("/api/ws")
 async def stream_socket(socket: WebSocket) -> None:
     """Each message `{"type": "generate"|"chat", ...request}` is answered by chunk messages (Ollama's shape),
@@ -86,7 +101,10 @@ async def stream_socket(socket: WebSocket) -> None:
 
     async def answer(payload: dict[str, Any]) -> None:
         kind = payload.pop("type", "generate")
+        # Each message is a request of its own: its own record (this task's copy of the context), its own timeout.
+        open_request(RequestRecord(id=request_id(None), route="/api/ws", method="WS"))
         try:
+            take_body_timeout(payload, socket.app.state.settings.max_timeout)
             if kind == "chat":
                 chunks = manager.chat(parse(OllamaChatRequest, payload).to_native())
             elif kind == "generate":

@@ -30,6 +30,7 @@ from ember.api.openai_logprobs import Offsets, chat_logprobs, entries_of
 from ember.api.openai_protocol import ChatCompletionRequest, CompletionRequest
 from ember.collect import collect_choices_async
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
+from ember.serve.tracking import current_request
 from ember.store.resolve import resolve_model
 from ember.store.store import ModelStore
 from ember.tools import openai_tool_call
@@ -136,7 +137,11 @@ async def _start(request: Request, call: OpenAICall, start: Any) -> AsyncIterato
     priority = request.headers.get(PRIORITY_HEADER)
     timeout = request.app.state.settings.request_timeout
     streams = [start(native, call.choices, priority=priority, timeout=timeout) for native in call.requests]
-    return await first_then_rest(_merged(streams, call.choices))
+    chunks = await first_then_rest(_merged(streams, call.choices))
+    record = current_request()
+    if record is not None and record.fell_back and record.served_by:  # the answer names the model that gave it
+        call.head["model"] = record.served_by
+    return chunks
 
 
 def _head(prefix: str, model: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class Guard:
         bound_host, _ = settings.host_and_port
         self.check_host = bound_to_loopback(bound_host)
         self.allowed_hosts = {host.lower() for host in _split(settings.allowed_hosts)}
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -77,7 +78,7 @@ class Guard:
             if not allowed_host(host, self.allowed_hosts):
                 return 403, f"host {host!r} is not allowed; add it to EMBER_ALLOWED_HOSTS to serve it"
         path = scope.get("path", "")
-        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+        open_path = path in self.open_paths or path.startswith(OPEN_PREFIX)
         if self.keys and not open_path and scope.get("method") != "OPTIONS":
             given = headers.get("authorization", "")
             token = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
@@ -142,6 +143,11 @@ class BodyTooLarge(Exception):
 
 
 async def _refuse(scope: Scope, send: Any, status: int, message: str) -> None:
+    from ember.serve.tracking import current_request
+
+    record = current_request()
+    if record is not None:  # the request log's line says why it was refused
+        record.error = message
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return

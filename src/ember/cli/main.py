@@ -18,6 +18,7 @@ from ember.cli import models as model_commands
 from ember.cli import run as run_command
 from ember.cli import schedule as schedule_commands
 from ember.cli import serving as serving_commands
+from ember.cli import top as top_command
 from ember.cli import worker as worker_command
 from ember.config import settings
 from ember.errors import EmberError
@@ -54,6 +55,7 @@ bench_command.register(app)
 batch_command.register(app)
 worker_command.register(app)
 schedule_commands.register(app)
+top_command.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

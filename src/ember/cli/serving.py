@@ -68,9 +68,8 @@ def serve(
     keep_alive: Annotated[str | None, typer.Option("--keep-alive", help="Default keep_alive, e.g. 5m or -1.")] = None,
 ) -> None:
     """Serve the Ollama API, the OpenAI API and ember's own routes (127.0.0.1:11434 unless EMBER_HOST says)."""
-    import uvicorn
-
     from ember.api.app import create_app
+    from ember.api.shutdown import serve_app
 
     overrides = {
         key: value
@@ -85,7 +84,7 @@ def serve(
     settings = Settings(**overrides)
     bind_host, port = settings.host_and_port
     print(f"ember serving on http://{bind_host}:{port}", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=bind_host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    serve_app(create_app(settings), bind_host, port, settings.shutdown_grace)
 
 
 def _until(expires_at: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -20,7 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ember.errors import EmberError
+from ember.errors import DiskFullError, EmberError
+
+_LOW_SPACE = 1024 * 1024  # bytes free under which a failed write is put down to a full disk
 
 BUSY_TIMEOUT_S = 10.0
 COMPONENT = "conversations"
@@ -139,6 +142,16 @@ class ConversationStoreError(EmberError):
     """The conversation database cannot be used (damaged, not a database, unwritable)."""
 
 
+def _disk_full(error: sqlite3.Error, folder: Path) -> bool:
+    """SQLITE_FULL, or an I/O error on a disk with no room left (what SQLite reports when a WAL write fails)."""
+    if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
 def new_id(prefix: str) -> str:
     """A random id with a readable prefix: conv_, msg_, resp_, doc_, chunk_ (OpenAI's style, so its clients
     accept them)."""
@@ -175,6 +188,11 @@ class Database:
                 ) from None
             yield connection
         except sqlite3.DatabaseError as error:
+            if _disk_full(error, self.path.parent):
+                raise DiskFullError(
+                    f"the disk holding the conversation database {self.path} is full ({error}); free some space "
+                    "and try again: nothing of this request was stored"
+                ) from None
             raise ConversationStoreError(f"the conversation database {self.path} failed: {error}") from None
         finally:
             connection.close()

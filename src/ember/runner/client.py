@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
@@ -30,6 +30,7 @@ from ember.runner.protocol import (
     LoadFailed,
     Prefill,
     Ready,
+    RunnerStats,
     Shutdown,
     Start,
     Steps,
@@ -79,6 +80,8 @@ class RunnerProcess:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._dead = False
         self._stopping = False
+        self.on_crash: Callable[[str], None] | None = None  # told the exit status when the process dies unasked
+        self.stats: RunnerStats | None = None  # the runner's last report of its KV cells and memory
 
     @property
     def alive(self) -> bool:
@@ -116,8 +119,10 @@ class RunnerProcess:
             self._loop.remove_reader(self._connection.fileno())
             self._closed()
 
-    def _dispatch(self, message: Steps | Ready | LoadFailed) -> None:
-        if isinstance(message, Steps):
+    def _dispatch(self, message: Steps | Ready | LoadFailed | RunnerStats) -> None:
+        if isinstance(message, RunnerStats):
+            self.stats = message
+        elif isinstance(message, Steps):
             for event in message.events:
                 queue = self._streams.get(event.request_id)
                 if queue is not None:
@@ -134,14 +139,16 @@ class RunnerProcess:
                 self._process.wait(timeout=5)
         status = self._describe_exit()
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(
-                ModelLoadError(f"the runner for {self.source.name} exited while loading ({status})")
-            )
-        if self._stopping:
+            failure = ModelLoadError(f"the runner for {self.source.name} exited while loading ({status})")
+            failure.transient = True  # killed or crashed, not refused by llama.cpp: worth another try
+            self._ready.set_exception(failure)
+        if self._stopping or not self.facts:  # stopped on purpose, or ended with its load (a load error, not a crash)
             return
         log.error("runner for %s stopped unexpectedly (%s)", self.source.name, status)
         for queue in self._streams.values():
             queue.put_nowait(_Crashed(status))
+        if self.on_crash is not None:
+            self.on_crash(status)
 
     def _describe_exit(self) -> str:
         code = self._process.returncode if self._process is not None else None

@@ -32,6 +32,7 @@ from ember.runner.protocol import (
     LoadFailed,
     Prefill,
     Ready,
+    RunnerStats,
     Shutdown,
     Start,
     Steps,
@@ -44,6 +45,20 @@ from ember.types import ChatRequest, EmbedRequest, GenerateRequest
 
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 0.025  # seconds plain text may wait to travel with later text (see _Runner.flush)
+STATS_INTERVAL = 1.0  # seconds between the runner's reports of its KV cells and memory (for /metrics)
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux's /proc; elsewhere the peak, which is what the OS tells)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 class _Runner:
@@ -59,6 +74,8 @@ class _Runner:
         self.running = True
         self.embeds: deque[tuple[str, EmbedJob]] = deque()  # embedding requests, one input per loop turn
         self.prefill_watch: dict[str, int] = {}  # request id -> prompt tokens last reported (report_prefill)
+        self.last_stats = 0.0
+        self.stats_sent: RunnerStats | None = None
 
     def handle(self, message: Start | Cancel | Shutdown) -> None:
         if isinstance(message, Start):
@@ -175,8 +192,26 @@ class _Runner:
         self.last_flush = now
         self.connection.send(Steps(events))
 
+    def report_stats(self, *, force: bool = False) -> None:
+        """Send the numbers /metrics shows, at most once per STATS_INTERVAL (and once more on going idle)."""
+        now = time.monotonic()
+        if not force and now - self.last_stats < STATS_INTERVAL:
+            return
+        self.last_stats = now
+        engine = self.model.engine
+        slots = engine.scheduler.slots
+        stats = RunnerStats(
+            kv_cells_used=sum(len(slot.content()) for slot in slots),
+            kv_cells_total=engine.num_ctx * len(slots),
+            rss_bytes=resident_bytes(),
+        )
+        if stats != self.stats_sent:
+            self.stats_sent = stats
+            self.connection.send(stats)
+
     def loop(self) -> None:
         engine = self.model.engine
+        self.report_stats(force=True)
         while self.running:
             # Block while idle; while there is work, only take what has already arrived.
             wait: float | None = 0 if engine.has_work() or self.events or self.embeds else None
@@ -191,7 +226,9 @@ class _Runner:
                     self.report_prefill()
             if self.embeds:
                 self.embed_step()
-            self.flush(force=not engine.has_work())
+            busy = engine.has_work()
+            self.flush(force=not busy)
+            self.report_stats(force=not busy)
 
 
 def runner_main(connection: Connection, source: ModelSource, options: LoadOptions, log_level: int) -> None:

@@ -11,7 +11,7 @@ steps produced for every request at once: `Text` (a piece of an answer: its cont
 model, its reasoning apart, with the logprob entries of its tokens when asked for), `ToolCalls` (the calls a
 chat's tool-call parser found), `Done` (a completion's final chunk with its metrics), `Embedded` (an embed
 request's vectors, not normalized) and `Failed` (that request failed; the others go on). `index` tells the
-completions of one request apart.
+completions of one request apart. `RunnerStats` (KV cells in use, resident memory) about once a second.
 
 An error travels as (class name, message, http status) and is rebuilt on the server side as the same
 EmberError subclass, so the user sees the message the runner wrote.
@@ -93,6 +93,14 @@ Event = Text | ToolCalls | Prefill | Done | Embedded | Failed
 
 class Steps(NamedTuple):
     events: list[Event]
+
+
+class RunnerStats(NamedTuple):
+    """The runner's numbers for /metrics, sent about once a second while it works and when it goes idle."""
+
+    kv_cells_used: int  # cells of the KV cache holding tokens, all slots together
+    kv_cells_total: int
+    rss_bytes: int  # resident memory of the runner process
 
 
 def error_to_tuple(error: BaseException) -> ErrorTuple:

@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from ember.errors import InvalidRequestError, ModelLoadError
+from ember.errors import CorruptModelError, EmberError, ModelLoadError, ServerBusyError
 from ember.options import LoadOptions
+from ember.serve.circuit import CircuitBreakers, CircuitOpenError
+from ember.serve.deadlines import Deadlines
+from ember.serve.entries import LoadedModelEntry, Runner, RunningModel
+from ember.serve.events import ServerEvents
+from ember.serve.keep_alive import FOREVER, parse_keep_alive
 from ember.serve.memory import (
     GpuDevice,
     ModelEstimate,
@@ -31,61 +34,18 @@ from ember.serve.memory import (
     memory_budget,
     plan_gpu_layers,
 )
+from ember.serve.metrics import ServeMetrics
+from ember.serve.observe import Observation
 from ember.serve.queue import Priority, RequestQueue
 from ember.serve.resolve import Limits, Resolved, resolve_request
+from ember.serve.response_cache import ResponseCache, through_cache
 from ember.serve.stats import ServerStats
 from ember.store.gguf_file import read_gguf
 from ember.store.resolve import ModelSource, resolve_model
 from ember.types import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, GenerateRequest, GenerateResponse
 
 log = logging.getLogger(__name__)
-FOREVER = None  # keep_alive that never expires
-_DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _MEMORY_ERRORS = ("out of memory", "failed to allocate", "cannot allocate", "unable to allocate", "oom")
-
-
-def parse_keep_alive(value: str | float | int | None, default: float | None) -> float | None:
-    """Seconds to keep a model loaded: a number of seconds or a Go duration ("5m", "1h30m"); negative is
-    forever (None), 0 unloads at once. None means the default."""
-    if value is None or value == "":
-        return FOREVER if default is not None and default < 0 else default
-    if isinstance(value, bool):
-        raise InvalidRequestError('keep_alive must be a duration such as "5m" or a number of seconds')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = _DURATION_PART.findall(text)
-            if not parts or "".join(number + unit for number, unit in parts) != text.replace("+", ""):
-                raise InvalidRequestError(
-                    f'invalid keep_alive {value!r}: use a duration such as "5m", "1h", "30s", 0 or -1'
-                ) from None
-            seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
-    return FOREVER if seconds < 0 else seconds
-
-
-class Runner(Protocol):
-    """What the manager needs of a runner; RunnerProcess in production, fakes in unit tests."""
-
-    facts: dict[str, Any]
-
-    @property
-    def alive(self) -> bool: ...
-
-    async def start(self) -> dict[str, Any]: ...
-
-    # `n` completions of the request (1 for most), as (choice index, chunk) in the order they come.
-    def generate_choices(self, request: GenerateRequest, n: int) -> AsyncIterator[tuple[int, GenerateResponse]]: ...
-
-    def chat_choices(self, request: ChatRequest, n: int) -> AsyncIterator[tuple[int, ChatResponse]]: ...
-
-    async def embed(self, request: EmbedRequest) -> EmbedResponse: ...
-
-    async def stop(self, timeout: float = 5.0) -> None: ...
 
 
 RunnerFactory = Callable[[ModelSource, LoadOptions], Runner]
@@ -95,46 +55,6 @@ def _default_runner(source: ModelSource, options: LoadOptions) -> Runner:
     from ember.runner.client import RunnerProcess
 
     return RunnerProcess(source, options)
-
-
-@dataclass
-class LoadedModelEntry:
-    name: str
-    source: ModelSource
-    requested: LoadOptions  # what requests asked for (num_gpu may be -1: automatic)
-    options: LoadOptions  # what was loaded after the GPU plan and any fallback
-    runner: Runner
-    queue: RequestQueue
-    estimate: ModelEstimate
-    load_note: str
-    keep_alive: float | None
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-    expires_at: float | None = None  # wall clock, for `ps`
-    active: int = 0  # requests holding or waiting for a slot
-    timer: asyncio.TimerHandle | None = None
-    draining: bool = False  # to be unloaded as soon as it is idle (replaced, or stopped)
-
-    @property
-    def idle(self) -> bool:
-        return self.active == 0
-
-
-@dataclass(frozen=True)
-class RunningModel:
-    """One row of `ember ps`."""
-
-    name: str
-    digest: str | None
-    size: int
-    size_vram: int
-    gpu_layers: int
-    num_ctx: int
-    slots: int
-    slots_in_use: int
-    queued: int
-    expires_at: float | None
-    load_note: str
 
 
 class ModelManager:
@@ -155,6 +75,15 @@ class ModelManager:
         limits: Limits | None = None,
         load_timeout: float = 300.0,
         batch_slots: int | None = None,
+        deadlines: Deadlines | None = None,
+        metrics: ServeMetrics | None = None,
+        events: ServerEvents | None = None,
+        log_content: bool = False,
+        breakers: CircuitBreakers | None = None,
+        fallbacks: dict[str, list[str]] | None = None,
+        load_retries: int = 2,
+        load_backoff: float = 0.5,
+        response_cache: ResponseCache | None = None,
     ) -> None:
         self.runner_factory = runner_factory
         self.default_options = dict(default_options or {})
@@ -168,11 +97,21 @@ class ModelManager:
         self.limits = limits or Limits()
         self.load_timeout = load_timeout
         self.batch_slots = batch_slots  # None: all of a model's slots but one
+        self.deadlines = deadlines or Deadlines()  # first-token and total timeouts, the shutdown grace
+        self.metrics = metrics
+        self.events = events or ServerEvents()  # loads, unloads, crashes, circuit changes: logs and alerts
+        self.log_content = log_content  # keep prompts and answers in the request records
+        self.breakers = breakers or CircuitBreakers(events=self.events)
+        self.fallbacks = dict(fallbacks or {})  # model -> models that answer when it cannot (besides its own)
+        self.load_retries = load_retries  # a load that failed for a transient reason is tried again ...
+        self.load_backoff = load_backoff  # ... after this many seconds, doubling each time
+        self.response_cache = response_cache  # None: off (EMBER_RESPONSE_CACHE)
         self.entries: dict[str, LoadedModelEntry] = {}
         self._loading: dict[str, tuple[asyncio.Future[LoadedModelEntry], LoadOptions]] = {}
         self._reserved: dict[str, int] = {}  # estimated bytes of the models being loaded
         self.stats = ServerStats()  # answers and tokens over the last minute (/api/stats)
         self._idle = asyncio.Condition()
+        self._crashed: set[str] = set()  # models whose last runner crashed: their next load is a restart
 
     # --- requests ------------------------------------------------------------------------------------
     # `batch=True` marks a batch line's request: it takes a slot in the queue's batch class (EMBER_BATCH_SLOTS).
@@ -218,8 +157,8 @@ class ModelManager:
             for index in range(n):
                 yield index, loaded
             return
-        native = resolved.request
-        async for item in self._serve(resolved, lambda runner: runner.generate_choices(native, n), timeout, batch):
+        serving = self._serve(resolved, lambda runner, req: runner.generate_choices(req, n), timeout, batch)
+        async for item in self._cached(resolved, n, serving):
             yield item
 
     async def chat_choices(
@@ -237,8 +176,8 @@ class ModelManager:
             for index in range(n):
                 yield index, loaded
             return
-        native = resolved.request
-        async for item in self._serve(resolved, lambda runner: runner.chat_choices(native, n), timeout, batch):
+        serving = self._serve(resolved, lambda runner, req: runner.chat_choices(req, n), timeout, batch)
+        async for item in self._cached(resolved, n, serving):
             yield item
 
     async def embed(
@@ -258,8 +197,8 @@ class ModelManager:
                 model=request.model, total_duration=loaded.total_duration, load_duration=loaded.load_duration
             )
 
-        async def once(runner: Runner) -> AsyncIterator[EmbedResponse]:
-            yield await runner.embed(request)
+        async def once(runner: Runner, native: EmbedRequest) -> AsyncIterator[EmbedResponse]:
+            yield await runner.embed(native)
 
         results = [result async for result in self._serve(resolved, once, timeout, batch)]
         return results[0]
@@ -303,31 +242,102 @@ class ModelManager:
     async def _serve(
         self,
         resolved: Resolved[Any],
-        start: Callable[[Runner], AsyncIterator[Any]],
+        start: Callable[[Runner, Any], AsyncIterator[Any]],
         timeout: float | None,
         batch: bool = False,
     ) -> AsyncIterator[Any]:
-        keep_alive = resolved.keep_alive
-        deadline = None if timeout is None else time.monotonic() + timeout
-        entry = await self._entry(resolved.name, resolved.source, resolved.load, keep_alive)
-        entry.active += 1
-        self._cancel_expiry(entry)
-        try:
-            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            ticket = await entry.queue.acquire(resolved.priority, timeout=remaining, batch=batch)
+        """Serve on the model, or on its fallbacks in order when it cannot load, its circuit is open or its queue
+        is full (only before the first chunk: an answer never switches models halfway)."""
+        candidate, tried = resolved, [resolved.name]
+        while True:
             try:
-                async for chunk in start(entry.runner):
+                entry, ticket, started, probe = await self._admit(candidate, timeout, batch)
+                break
+            except (CircuitOpenError, ModelLoadError, CorruptModelError, ServerBusyError) as error:
+                fallback = await self._fallback(resolved, tried)
+                if fallback is None:
+                    raise
+                log.warning("%s cannot serve (%s); %s answers instead", candidate.name, error, fallback.name)
+                self.events.emit("fallback", model=candidate.name, fallback=fallback.name, reason=str(error))
+                tried.append(fallback.name)
+                candidate = fallback
+        observation = Observation(self.metrics, candidate.request, entry.name, with_content=self.log_content)
+        if observation.record is not None:
+            observation.record.fell_back = candidate is not resolved
+        observation.admitted()
+        failure: BaseException | None = None
+        try:
+            try:
+                async for chunk in self.deadlines.timed(start(entry.runner, candidate.request), started):
+                    observation.chunk(chunk)
                     if getattr(chunk, "done", False):
                         self.stats.record(chunk)
                     yield chunk
             finally:
                 ticket.release()
+        except BaseException as error:
+            failure = error
+            raise
         finally:
-            entry.active -= 1
-            entry.last_used = time.monotonic()
-            entry.keep_alive = keep_alive
-            if entry.idle:
-                await self._became_idle(entry)
+            observation.finished(failure)
+            if failure is None or observation.completed:
+                self.breakers.succeeded(entry.name)
+            elif probe and entry.runner.alive:  # not a crash (that reopens the circuit): let another probe
+                self.breakers.abandoned(entry.name)
+            await self._release(entry, candidate.keep_alive)
+
+    def _cached(
+        self, resolved: Resolved[Any], n: int, serving: AsyncIterator[tuple[int, Any]]
+    ) -> AsyncIterator[tuple[int, Any]]:
+        return through_cache(self.response_cache, self.metrics, resolved, n, serving)
+
+    async def _admit(
+        self, resolved: Resolved[Any], timeout: float | None, batch: bool
+    ) -> tuple[LoadedModelEntry, Any, float, bool]:
+        """The model's circuit let it through, the model is loaded, and a slot is this request's."""
+        probe = self.breakers.admit(resolved.name)
+        try:
+            entry = await self._entry(resolved.name, resolved.source, resolved.load, resolved.keep_alive)
+        except BaseException:
+            if probe:
+                self.breakers.abandoned(resolved.name)  # a failed load counted itself (see _load_once)
+            raise
+        entry.active += 1
+        self._cancel_expiry(entry)
+        started = asyncio.get_running_loop().time()  # time limits count from here: a load has its own
+        try:
+            wait = self.deadlines.queue_limit(timeout, started)
+            ticket = await entry.queue.acquire(resolved.priority, timeout=wait, batch=batch)
+        except BaseException:
+            if probe:
+                self.breakers.abandoned(resolved.name)
+            await self._release(entry, resolved.keep_alive)
+            raise
+        return entry, ticket, started, probe
+
+    async def _release(self, entry: LoadedModelEntry, keep_alive: float | None) -> None:
+        entry.active -= 1
+        entry.last_used = time.monotonic()
+        entry.keep_alive = keep_alive
+        if entry.idle:
+            await self._became_idle(entry)
+
+    async def _fallback(self, resolved: Resolved[Any], tried: list[str]) -> Resolved[Any] | None:
+        """The next fallback of the model asked for that has not been tried, resolved like the request."""
+        names = [*self.fallbacks.get(resolved.name, ()), *self.fallbacks.get(resolved.request.model, ())]
+        own = resolved.source.parameters.get("fallback", ())
+        names += [own] if isinstance(own, str) else list(own)
+        for name in names:
+            try:
+                candidate = await asyncio.to_thread(
+                    self.prepare, resolved.request.model_copy(update={"model": name}), int(resolved.priority)
+                )
+            except EmberError as error:
+                log.warning("fallback %s of %s cannot be used: %s", name, resolved.name, error)
+                continue
+            if candidate.name not in tried:
+                return candidate
+        return None
 
     # --- loading -------------------------------------------------------------------------------------
     # Loads never block other models: each model being loaded has a future in `_loading`, and requests for it
@@ -340,7 +350,7 @@ class ModelManager:
         while True:
             entry = self.entries.get(name)
             if entry is not None and not entry.runner.alive:  # it crashed: its requests failed; start afresh
-                await self._unload(entry)
+                await self._unload(entry, reason="its runner had crashed")
                 continue
             if (
                 entry is not None
@@ -386,6 +396,9 @@ class ModelManager:
                 ) from None
         except BaseException as error:
             failure = error if isinstance(error, Exception) else ModelLoadError(f"loading {name} was interrupted")
+            if isinstance(error, ModelLoadError | CorruptModelError):  # counted once, not once per waiting request
+                self.breakers.failed(name, f"loading failed: {error}")
+                self.events.emit("load_failed", model=name, error=str(error))
             future.set_exception(failure)
             future.exception()  # marked as seen: a failed load that nobody else awaited is no unhandled error
             raise
@@ -421,19 +434,14 @@ class ModelManager:
         attempts = fallback_ladder(first, plan) if wanted.num_gpu < 0 else [(first, "as requested")]
         failures: list[str] = []
         for options, description in attempts:
-            runner = self.runner_factory(source, options)
             try:
-                await runner.start()
+                runner = await self._start_retrying(name, source, options)
             except ModelLoadError as error:
-                await runner.stop()
                 if not any(marker in str(error).lower() for marker in _MEMORY_ERRORS):
                     raise
                 log.warning("loading %s (%s) ran out of memory: %s", name, description, error)
                 failures.append(f"{description}: {error}")
                 continue
-            except BaseException:
-                await runner.stop()
-                raise
             note = plan.reason if not failures else f"{description} (after running out of memory: {failures[-1]})"
             entry = LoadedModelEntry(
                 name=name,
@@ -453,8 +461,30 @@ class ModelManager:
             )
             self.entries[name] = entry
             log.info("loaded %s: %s", name, note)
+            self._loaded(entry)
             return entry
         raise ModelLoadError(f"not enough memory to load {name}; tried " + "; ".join(failures))
+
+    async def _start_retrying(self, name: str, source: ModelSource, options: LoadOptions) -> Runner:
+        """A started runner; a load that failed for a transient reason (its process died while loading: killed,
+        out of memory for a moment) is tried again after load_backoff seconds, doubling, load_retries times."""
+        for attempt in range(self.load_retries + 1):
+            runner = self.runner_factory(source, options)
+            try:
+                await runner.start()
+                return runner
+            except ModelLoadError as error:
+                await runner.stop()
+                if not getattr(error, "transient", False) or attempt == self.load_retries:
+                    raise
+                delay = self.load_backoff * 2**attempt
+                log.warning("loading %s failed (%s); trying again in %g s", name, error, delay)
+                self.events.emit("load_retry", model=name, error=str(error), delay=delay)
+                await asyncio.sleep(delay)
+            except BaseException:
+                await runner.stop()
+                raise
+        raise AssertionError("unreachable")
 
     async def _make_room(self, estimate: ModelEstimate, name: str) -> None:
         """Evict least recently used idle models until the new one fits the budget and the model count (loads
@@ -471,13 +501,39 @@ class ModelManager:
                 continue
             victim = min(idle, key=lambda entry: entry.last_used)
             log.info("unloading %s to make room", victim.name)
-            await self._unload(victim)
+            await self._unload(victim, reason=f"evicted to make room for {name}")
 
-    async def _unload(self, entry: LoadedModelEntry) -> None:
+    async def _unload(self, entry: LoadedModelEntry, reason: str = "unloaded") -> None:
         self._cancel_expiry(entry)
         if self.entries.get(entry.name) is entry:
             del self.entries[entry.name]
         await entry.runner.stop()
+        self.events.emit("unload", model=entry.name, reason=reason)
+        if self.metrics is not None:
+            self.metrics.unloads.labels(entry.name).inc()
+            if reason.startswith("evicted"):
+                self.metrics.evictions.labels(entry.name).inc()
+
+    def _loaded(self, entry: LoadedModelEntry) -> None:
+        """Note a load (a restart when the model's last runner crashed), and hear of its runner's crash."""
+        seconds = int(entry.runner.facts.get("load_duration", 0)) / 1e9
+        restart = entry.name in self._crashed
+        self._crashed.discard(entry.name)
+        self.events.emit("load", model=entry.name, seconds=round(seconds, 3), note=entry.load_note, restart=restart)
+        if self.metrics is not None:
+            self.metrics.loads.labels(entry.name).inc()
+            self.metrics.load_time.labels(entry.name).observe(seconds)
+            if restart:
+                self.metrics.restarts.labels(entry.name).inc()
+
+        def crashed(status: str) -> None:
+            self._crashed.add(entry.name)
+            self.breakers.failed(entry.name, f"its runner stopped unexpectedly ({status})")
+            self.events.emit("runner_crash", model=entry.name, status=status)
+            if self.metrics is not None:
+                self.metrics.crashes.labels(entry.name).inc()
+
+        entry.runner.on_crash = crashed
 
     # --- keep_alive ----------------------------------------------------------------------------------
 
@@ -508,7 +564,7 @@ class ModelManager:
     async def _expire(self, entry: LoadedModelEntry) -> None:
         if entry.idle and self.entries.get(entry.name) is entry:
             log.info("keep_alive expired: unloading %s", entry.name)
-            await self._unload(entry)
+            await self._unload(entry, reason="keep_alive expired")
 
     # --- management ----------------------------------------------------------------------------------
 

@@ -96,7 +96,8 @@ def resolve_request(
     if not request.model:
         raise InvalidRequestError("name a model in the request's `model` field")
     source = find_model(request.model)
-    load, sampling = resolve_options(default_options, dict(source.parameters), request.options)
+    own = {key: value for key, value in source.parameters.items() if key != "fallback"}  # the manager's, not an option
+    load, sampling = resolve_options(default_options, own, request.options)
     limits.check({k: v for k, v in (request.options or {}).items() if v is not None}, load, sampling)
     level = parse_priority(priority if priority is not None else request.priority)
     return Resolved(apply_defaults(request, source), source.name, source, load, sampling, keep_alive, level)

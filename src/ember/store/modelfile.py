@@ -185,6 +185,11 @@ def _convert(name: str, kind: type, raw: str, line: int) -> Any:
 
 
 def _add_parameter(parameters: dict[str, Any], name: str, raw: str, line: int) -> None:
+    if name == "fallback":  # ember's: a model that answers when this one cannot (repeatable, tried in order)
+        if not raw.strip():
+            raise ModelfileError(line, "PARAMETER fallback needs a model name, as in PARAMETER fallback smollm2")
+        parameters.setdefault("fallback", []).append(raw.strip())
+        return
     if name in IGNORED_OLLAMA_OPTIONS:
         log.warning("Modelfile line %d: PARAMETER %s has no effect in ember (Ollama ignores it too)", line, name)
         return

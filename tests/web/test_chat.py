@@ -105,9 +105,14 @@ def test_a_long_prompt_shows_its_prefill_progress(page, screenshots):
     long_message = "Summarize these words. " + " ".join(f"word{n}" for n in range(150))  # about 600 tokens
     page.fill("#input", long_message)
     page.press("#input", "Enter")
-    bar = page.locator(".msg.live .prefill")
-    bar.wait_for(state="visible", timeout=60_000)
-    label = bar.locator("span").inner_text()
+    # The first label drawn, read in the page as soon as it appears (the bar goes when the answer starts).
+    label = page.wait_for_function(
+        """() => {
+            const span = document.querySelector('.msg.live .prefill span');
+            return span && span.textContent.startsWith('reading the prompt: ') ? span.textContent : null;
+        }""",
+        timeout=60_000,
+    ).json_value()
     assert label.startswith("reading the prompt: ") and label.endswith(" tokens")
     numbers = label.removeprefix("reading the prompt: ").removesuffix(" tokens")
     done, total = (int(part) for part in numbers.split(" / "))

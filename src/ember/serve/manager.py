@@ -270,8 +270,9 @@ class ModelManager:
             try:
                 async for chunk in self.deadlines.timed(start(entry.runner, candidate.request), started):
                     observation.chunk(chunk)
-                    if getattr(chunk, "done", False):
-                        self.stats.record(chunk)
+                    answer = chunk[1] if isinstance(chunk, tuple) else chunk  # (choice index, chunk)
+                    if getattr(answer, "done", False):
+                        self.stats.record(answer)
                     yield chunk
             finally:
                 ticket.release()

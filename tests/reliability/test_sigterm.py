@@ -51,5 +51,6 @@ def test_sigterm_during_four_streams_finishes_or_explains_each_and_exits_0() -> 
                 assert last["eval_count"] == budget or last["done_reason"] == "stop", last
             else:
                 assert "shutting down" in last["error"] and "EMBER_SHUTDOWN_GRACE" in last["error"], last
-        assert [lines[-1].get("done", False) for lines in streams][2:] == [False, False]  # the long ones were cut
+        # The long ones run past the grace period unless the model ends one early (an end of text: done, stop).
+        assert any("error" in lines[-1] for lines in streams[2:]), [lines[-1] for lines in streams]
         assert server.wait(timeout=60) == 0

@@ -70,6 +70,7 @@ def test_a_document_is_uploaded_and_the_answer_cites_it(page, screenshots, tmp_p
     stored = api(page, "GET", f"/api/conversations/{conversation}")["messages"][-1]
     assert stored["info"]["documents"]["mode"] == "whole"
     assert "PURPLE-42" in stored["info"]["sources"][0]["text"]
+    page.screenshot(path=str(screenshots / "cited-answer.png"))
     inline = answer.locator(".msg-body .citation")  # the model's own [1], when it wrote one
     (inline.first if inline.count() else sources.first).click()
     page.wait_for_selector("#source-dialog[open]")
@@ -132,6 +133,8 @@ def test_admin_pulls_with_progress_and_cancel_unloads_and_shows_the_server(page,
     made = api(page, "POST", "/api/show", json={"model": "tiny-made"})
     assert made["system"] == "Be brief." and "temperature" in made["parameters"]
     page.wait_for_function("() => /[1-9]/.test(document.querySelector('#live-tps').textContent)", timeout=20_000)
+    page.evaluate("() => { document.querySelector('#model-details').hidden = true; }")
+    page.evaluate("() => { document.querySelector('#view-admin').scrollTop = 0; }")
     page.screenshot(path=str(screenshots / "admin.png"))
     page.on("dialog", lambda dialog: dialog.accept())
     for doomed in (name, "tiny-copy:latest", "tiny-made:latest"):

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.server import running_server
 
@@ -31,7 +31,16 @@ def test_no_request_makes_the_server_fail(api_schema: schemathesis.BaseSchema, s
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        # Derandomized: the same cases every run, so a failure found here reproduces (one random run of the
+        # whole suite saw the test process grow past 24 GB during this test; not yet found, see the note).
+        @settings(
+            max_examples=25,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported as generated
+        )
         def check(case: schemathesis.Case) -> None:
             nonlocal calls
             calls += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
 import platformdirs
@@ -153,8 +152,3 @@ class Settings(BaseSettings):
         host, port = self.host_and_port
         host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-@cache
-def settings() -> Settings:
-    return Settings()

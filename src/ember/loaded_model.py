@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ember.config import settings
+from ember.config import Settings
 from ember.embeddings import Embedder, EmbedJob
 from ember.engine.engine import Engine
 from ember.engine.kv_disk import DiskCache, cache_key
@@ -55,12 +55,13 @@ class LoadedModel:
         self.info: GGUFInfo = read_gguf(source.path)  # refuse a damaged file before llama.cpp reads it
         self.model = LlamaModel(source.path, options, adapters=source.adapters)
         try:
+            configured = Settings()  # read at each load: the environment the model is loaded in
             self.engine = Engine(
                 self.model,
                 options,
-                deterministic=options.deterministic or settings().deterministic,
-                host_cache_bytes=host_cache_budget(),
-                disk_cache=disk_cache_for(source, options),
+                deterministic=options.deterministic or configured.deterministic,
+                host_cache_bytes=host_cache_budget(configured),
+                disk_cache=disk_cache_for(source, options, configured),
             )
             self.prompts = PromptBuilder(
                 self.model, template=source.template, system=source.system, messages=source.messages
@@ -378,17 +379,15 @@ class Job:
         return thinking, text, calls
 
 
-def host_cache_budget() -> int:
+def host_cache_budget(configured: Settings) -> int:
     """EMBER_KV_CACHE_RAM, else a quarter of the available memory, at most 8 GiB (llama-server's --cache-ram)."""
-    configured = settings().kv_cache_ram
-    if configured is not None:
-        return configured
+    if configured.kv_cache_ram is not None:
+        return configured.kv_cache_ram
     return min(8 << 30, system_memory().available // 4)
 
 
-def disk_cache_for(source: ModelSource, options: LoadOptions) -> DiskCache | None:
+def disk_cache_for(source: ModelSource, options: LoadOptions, configured: Settings) -> DiskCache | None:
     """The model's disk KV tier (EMBER_KV_CACHE_DISK), or None when it is off."""
-    configured = settings()
     if configured.kv_cache_disk <= 0:
         return None
     key = cache_key(source.path, source.digest, source.adapters, options.flash_attn)

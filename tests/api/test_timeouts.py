@@ -16,6 +16,9 @@ LONG = {"temperature": 0, "num_predict": 4000, "num_ctx": 4096}
 # Streams get 3 s, so that even on a busy machine the first chunk comes before the limit and the error comes
 # as the stream's last line (with 1 s the first chunk can be late, and the answer is then a plain 504).
 STREAM_LIMIT = 3
+# A raw prompt the model goes on counting from for thousands of tokens ("Count:" alone ends in about 200, which
+# a fast machine writes within STREAM_LIMIT).
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def test_a_total_timeout_gives_504_and_frees_the_slot(base: str) -> None:
     started = time.monotonic()
     body = {
         "model": "smollm2",
-        "prompt": "Count:",
+        "prompt": COUNTING,
         "raw": True,
         "stream": False,
         "options": LONG,
@@ -59,7 +62,7 @@ def test_a_total_timeout_gives_504_and_frees_the_slot(base: str) -> None:
 
 
 def test_a_stream_past_its_timeout_ends_with_an_error_line(base: str) -> None:
-    body = {"model": "smollm2", "prompt": "Count:", "raw": True, "options": LONG}
+    body = {"model": "smollm2", "prompt": COUNTING, "raw": True, "options": LONG}
     lines = []
     headers = {"X-Ember-Timeout": str(STREAM_LIMIT), "X-Request-Id": "trace-42"}
     with httpx.stream("POST", base + "/api/generate", json=body, headers=headers, timeout=60) as response:
@@ -80,6 +83,7 @@ def test_an_openai_stream_gets_an_error_event(base: str) -> None:
         "stream": True,
         "max_tokens": 4000,
         "temperature": 0,
+        "logit_bias": {"0": -100, "2": -100},  # no <|endoftext|> or <|im_end|>: the answer outlasts the limit
         "timeout": STREAM_LIMIT,
     }
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as response:
@@ -116,7 +120,7 @@ def test_the_websocket_honours_a_message_timeout(base: str) -> None:
                 {
                     "type": "generate",
                     "model": "smollm2",
-                    "prompt": "Count:",
+                    "prompt": COUNTING,
                     "raw": True,
                     "options": LONG,
                     "timeout": STREAM_LIMIT,

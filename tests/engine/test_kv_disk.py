@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ember
-from ember.config import settings
+from ember.config import Settings
 from ember.engine.kv_disk import DiskCache
 from ember.engine.scheduler import HostCache
 from tests.conftest import greedy
@@ -65,7 +65,7 @@ def test_disk_entries_use_no_ram_budget_and_are_never_evicted_for_ram() -> None:
 @pytest.fixture
 def disk_tier(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("EMBER_KV_CACHE_DISK", str(256 << 20))
-    folder = settings().home / "kv"
+    folder = Settings().home / "kv"
     shutil.rmtree(folder, ignore_errors=True)
     return folder
 

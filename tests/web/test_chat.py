@@ -52,7 +52,10 @@ def test_stop_cancels_the_answer_and_keeps_what_was_written(page):
     stored = api(page, "GET", f"/api/conversations/{current_conversation(page)}")["messages"][-1]
     assert stored["status"] == "incomplete" and stored["info"]["done_reason"] == "cancelled"
     assert stored["content"]
-    assert page.locator(".msg.assistant .badge").inner_text() == "stopped"
+    # The page reads the conversation again until the server has written the stopped answer.
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .badge')?.textContent === 'stopped'", timeout=15_000
+    )
     # The server cancelled the sequence: no slot stays busy.
     ps = api(page, "GET", "/api/ps")["models"]
     assert all(model["ember"]["slots_in_use"] == 0 for model in ps)
@@ -101,8 +104,9 @@ def test_regenerate_edit_continue_and_branches(page):
 
 def test_a_long_prompt_shows_its_prefill_progress(page, screenshots):
     open_page(page)
-    set_options(page, num_predict="1")
-    long_message = "Summarize these words. " + " ".join(f"word{n}" for n in range(150))  # about 600 tokens
+    set_options(page, num_predict="1", num_ctx="4096")
+    # About 2,000 tokens: several 512-token chunks, so the label stays up for a while even on a fast machine.
+    long_message = "Summarize these words. " + " ".join(f"word{n}" for n in range(500))
     page.fill("#input", long_message)
     page.press("#input", "Enter")
     # The first label drawn, read in the page as soon as it appears (the bar goes when the answer starts).

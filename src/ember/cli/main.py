@@ -20,7 +20,7 @@ from ember.cli import schedule as schedule_commands
 from ember.cli import serving as serving_commands
 from ember.cli import top as top_command
 from ember.cli import worker as worker_command
-from ember.config import settings
+from ember.config import Settings
 from ember.errors import EmberError
 
 app = typer.Typer(
@@ -60,7 +60,7 @@ top_command.register(app)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
-    logging.basicConfig(level=settings().log_level.upper(), format="ember: %(levelname)s: %(message)s")
+    logging.basicConfig(level=Settings().log_level.upper(), format="ember: %(levelname)s: %(message)s")
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         result = app(args=args or ["--help"], prog_name="ember", standalone_mode=False)

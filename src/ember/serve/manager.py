@@ -22,13 +22,13 @@ from ember.errors import CorruptModelError, EmberError, ModelLoadError, ServerBu
 from ember.options import LoadOptions
 from ember.serve.circuit import CircuitBreakers, CircuitOpenError
 from ember.serve.deadlines import Deadlines
+from ember.serve.engines import estimate_for, start_runner_for
 from ember.serve.entries import LoadedModelEntry, Runner, RunningModel
 from ember.serve.events import ServerEvents
 from ember.serve.keep_alive import FOREVER, parse_keep_alive
 from ember.serve.memory import (
     GpuDevice,
     ModelEstimate,
-    estimate_model,
     fallback_ladder,
     gpu_devices,
     memory_budget,
@@ -40,7 +40,6 @@ from ember.serve.queue import Priority, RequestQueue
 from ember.serve.resolve import Limits, Resolved, resolve_request
 from ember.serve.response_cache import ResponseCache, through_cache
 from ember.serve.stats import ServerStats
-from ember.store.gguf_file import read_gguf
 from ember.store.resolve import ModelSource, resolve_model
 from ember.types import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, GenerateRequest, GenerateResponse
 
@@ -51,19 +50,13 @@ _MEMORY_ERRORS = ("out of memory", "failed to allocate", "cannot allocate", "una
 RunnerFactory = Callable[[ModelSource, LoadOptions], Runner]
 
 
-def _default_runner(source: ModelSource, options: LoadOptions) -> Runner:
-    from ember.runner.client import RunnerProcess
-
-    return RunnerProcess(source, options)
-
-
 class ModelManager:
     """Loads models on demand and serves requests on them. Use from one event loop."""
 
     def __init__(
         self,
         *,
-        runner_factory: RunnerFactory = _default_runner,
+        runner_factory: RunnerFactory = start_runner_for,
         default_options: dict[str, Any] | None = None,
         keep_alive: float | None = 300.0,
         max_loaded: int = 3,
@@ -416,8 +409,7 @@ class ModelManager:
     async def _load(
         self, name: str, source: ModelSource, wanted: LoadOptions, keep_alive: float | None
     ) -> LoadedModelEntry:
-        info = await asyncio.to_thread(read_gguf, source.path)  # parsing a large header must not stall streams
-        estimate = estimate_model(info, wanted)
+        estimate = await estimate_for(source, wanted)
         self._reserved[name] = estimate.total()  # counted by other loads making room at the same time
         try:
             await self._make_room(estimate, name)

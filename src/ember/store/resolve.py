@@ -22,6 +22,8 @@ from ember.store.store import (
     ModelStore,
 )
 
+LLAMA_CPP = "llama.cpp"  # the engine of a GGUF file: every model but those a store entry says otherwise of
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -36,6 +38,7 @@ class ModelSource:
     adapters: tuple[Path, ...] = ()  # LoRA adapter GGUF files applied at load (a Modelfile's ADAPTER)
     license: str | None = None
     digest: str | None = None  # "sha256:..." of the model blob, when it comes from the store
+    engine: str = LLAMA_CPP  # what produces its tokens (serve/engines.py starts the runner for it)
 
 
 def user_path(text: str | os.PathLike[str]) -> Path:

@@ -402,22 +402,8 @@ def _native(message: NewMessage) -> Message:
 
 
 def _unsaved(conversation_id: str, message: NewMessage, parent_id: str | None) -> StoredMessage:
-    stamp = time.time()
-    return StoredMessage(
-        id=message.id or new_id("msg"),
-        conversation_id=conversation_id,
-        parent_id=parent_id,
-        seq=-1,
-        role=message.role,
-        content=message.content,
-        tool_calls=message.tool_calls,
-        tool_call_id=message.tool_call_id,
-        tool_name=message.tool_name,
-        status=message.status,
-        pinned=message.pinned,
-        info=dict(message.info),
-        created_at=stamp,
-        updated_at=stamp,
+    return message.stored(
+        id=message.id or new_id("msg"), conversation_id=conversation_id, parent_id=parent_id, seq=-1, stamp=time.time()
     )
 
 

@@ -198,3 +198,16 @@ def test_modelfile_mistakes_are_clear_errors() -> None:
     spec = parse_modelfile("FROM upstream+http://a:8000/v1/ m\nFROM upstream+https://b/v1 m\n").upstream
     assert spec is not None and spec.replicas == ("http://a:8000/v1", "https://b/v1") and spec.key_env is None
     assert os.environ.get("UP_KEY") is None  # the test process never had the key either
+
+
+def test_what_needs_a_local_tokenizer_is_a_clear_400(front: tuple[str, dict[str, str]]) -> None:
+    tokenize = httpx.post(front[0] + "/api/tokenize", json={"model": "big", "content": "hello"})
+    assert tokenize.status_code == 400 and "upstream model" in tokenize.text
+    insert = httpx.post(front[0] + "/api/generate", json={"model": "big", "prompt": "def f(", "suffix": "return 1"})
+    assert insert.status_code == 400 and "suffix" in insert.text
+    mirostat = httpx.post(
+        front[0] + "/api/chat",
+        json={"model": "big", "messages": [{"role": "user", "content": "x"}], "options": {"mirostat": 2}},
+        timeout=60,
+    )
+    assert mirostat.status_code == 400 and "mirostat" in mirostat.text

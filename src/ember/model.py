@@ -22,7 +22,7 @@ from typing import Any, Literal, overload
 
 from ember import llama_compat
 from ember.collect import collect
-from ember.errors import InvalidOptionError
+from ember.errors import InvalidOptionError, InvalidRequestError
 from ember.loaded_model import LoadedModel
 from ember.options import LOAD_OPTION_NAMES, LoadOptions, SamplingOptions, load_options, sampling_options
 from ember.serve.resolve import apply_defaults
@@ -81,6 +81,11 @@ class Model:
         if verbose:
             logging.getLogger("ember").setLevel(logging.DEBUG)
         source = target if isinstance(target, ModelSource) else resolve_model(target)
+        if source.upstream is not None:
+            raise InvalidRequestError(
+                f"{source.name} is an upstream model: its servers answer through `ember serve`; start the server "
+                "and run it there"
+            )
         if system is not None or template is not None:
             source = dataclasses.replace(
                 source,

@@ -26,8 +26,10 @@ from ember.serve.manager import ModelManager
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.pull import format_parameter_count
 from ember.store.resolve import ModelSource, resolve_model
-from ember.store.store import ModelStore
+from ember.store.store import UPSTREAM_MEDIA_TYPE, ModelStore
 from ember.types import ChatResponse, GenerateResponse
+from ember.upstream.facts import DETAILS as UPSTREAM_DETAILS
+from ember.upstream.facts import upstream_info, upstream_modelfile
 
 __all__ = ["PRIORITY_HEADER", "chunk_json", "first_then_rest", "manager_of", "read_json", "router"]
 
@@ -133,7 +135,8 @@ async def tags() -> dict[str, Any]:
         models = []
         for manifest in store.list():
             try:
-                info = read_gguf(store.blob_path(manifest.model_layer.digest))
+                layer = manifest.model_layer
+                info = None if layer.media_type == UPSTREAM_MEDIA_TYPE else read_gguf(store.blob_path(layer.digest))
             except EmberError:
                 continue
             name = str(manifest.name)
@@ -144,7 +147,7 @@ async def tags() -> dict[str, Any]:
                     "modified_at": _rfc3339(manifest.modified),
                     "size": manifest.size,
                     "digest": manifest.model_layer.digest.removeprefix("sha256:"),
-                    "details": model_details(info),
+                    "details": model_details(info) if info is not None else UPSTREAM_DETAILS,
                 }
             )
         return models
@@ -157,14 +160,14 @@ async def running(request: Request) -> dict[str, Any]:
     models = []
     for row in manager_of(request).ps():
         entry = manager_of(request).entries.get(row.name)
-        info = read_gguf(entry.source.path) if entry is not None else None
+        info = read_gguf(entry.source.path) if entry is not None and entry.source.upstream is None else None
         models.append(
             {
                 "name": row.name,
                 "model": row.name,
                 "size": row.size,
                 "digest": (row.digest or "").removeprefix("sha256:"),
-                "details": model_details(info) if info is not None else {},
+                "details": model_details(info) if info is not None else UPSTREAM_DETAILS if entry else {},
                 "expires_at": _rfc3339(row.expires_at) if row.expires_at else "0001-01-01T00:00:00Z",
                 "size_vram": row.size_vram,
                 "context_length": row.num_ctx,
@@ -174,6 +177,7 @@ async def running(request: Request) -> dict[str, Any]:
                     "slots_in_use": row.slots_in_use,
                     "queued": row.queued,
                     "load": row.load_note,
+                    **({"replicas": row.replicas} if row.replicas is not None else {}),
                 },
             }
         )
@@ -202,6 +206,8 @@ async def show(request: Request) -> dict[str, Any]:
     if not name:
         raise InvalidRequestError('give the model to show: {"model": "NAME"}')
     source = await asyncio.to_thread(resolve_model, name)
+    if source.upstream is not None:
+        return await asyncio.to_thread(_show_upstream, source)
     info = await asyncio.to_thread(read_gguf, source.path)
     capabilities = await asyncio.to_thread(model_capabilities, source)
     from ember.store.modelfile import render_modelfile
@@ -238,6 +244,23 @@ async def show(request: Request) -> dict[str, Any]:
         },
         "capabilities": capabilities.names(),
         "modified_at": _rfc3339(await asyncio.to_thread(_modified, source)),
+    }
+
+
+def _show_upstream(source: ModelSource) -> dict[str, Any]:
+    """/api/show of an upstream model: its servers and defaults, never its key."""
+    return {
+        "license": source.license or "",
+        "modelfile": upstream_modelfile(source),
+        "parameters": "\n".join(f"{key} {json.dumps(value)}" for key, value in source.parameters.items()),
+        "template": "",
+        "system": source.system or "",
+        "details": UPSTREAM_DETAILS,
+        "model_info": upstream_info(source),
+        "messages": [dict(m) for m in source.messages],
+        "ember": {"name": source.name, "digest": source.digest, "parameters": dict(source.parameters), "adapters": []},
+        "capabilities": model_capabilities(source).names(),
+        "modified_at": _rfc3339(_modified(source)),
     }
 
 

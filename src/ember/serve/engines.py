@@ -7,6 +7,7 @@ tokens. `ModelSource.engine` names the engine; each engine adds its branch here 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from ember.errors import ModelLoadError
 from ember.options import LoadOptions
@@ -14,6 +15,10 @@ from ember.serve.entries import Runner
 from ember.serve.memory import ModelEstimate, estimate_model
 from ember.store.gguf_file import read_gguf
 from ember.store.resolve import LLAMA_CPP, ModelSource
+from ember.store.upstream import UPSTREAM
+
+# An upstream model holds nothing on this machine: no weights, no KV.
+_NOTHING_LOCAL = ModelEstimate(weights=0, per_layer=(), non_repeating=0, kv_cache=0, kv_per_layer=0, compute=0)
 
 
 def start_runner_for(source: ModelSource, options: LoadOptions) -> Runner:
@@ -22,6 +27,10 @@ def start_runner_for(source: ModelSource, options: LoadOptions) -> Runner:
         from ember.runner.client import RunnerProcess
 
         return RunnerProcess(source, options)
+    if source.engine == UPSTREAM:
+        from ember.upstream.runner import UpstreamRunner
+
+        return UpstreamRunner(source, options)
     raise ModelLoadError(f"{source.name} needs the {source.engine!r} engine, which this ember does not have")
 
 
@@ -30,4 +39,18 @@ async def estimate_for(source: ModelSource, options: LoadOptions) -> ModelEstima
     if source.engine == LLAMA_CPP:
         info = await asyncio.to_thread(read_gguf, source.path)  # parsing a large header must not stall streams
         return estimate_model(info, options)
+    if source.engine == UPSTREAM:
+        return _NOTHING_LOCAL
     raise ModelLoadError(f"{source.name} needs the {source.engine!r} engine, which this ember does not have")
+
+
+def expires(source: ModelSource) -> bool:
+    """Whether keep_alive unloads the model when idle. An upstream model holds no memory here and is kept, with
+    its connections and health checks, until `ember stop` (or keep_alive 0) unloads it."""
+    return source.engine != UPSTREAM
+
+
+def replica_health(runner: Runner) -> list[dict[str, Any]] | None:
+    """An upstream model's replicas (URL, health, requests in flight, last error); None for a local model."""
+    status = getattr(runner, "replica_status", None)
+    return status() if callable(status) else None

@@ -22,7 +22,7 @@ from ember.errors import CorruptModelError, ModelLoadError, ServerBusyError
 from ember.options import LoadOptions
 from ember.serve.circuit import CircuitBreakers, CircuitOpenError
 from ember.serve.deadlines import Deadlines
-from ember.serve.engines import estimate_for, start_runner_for
+from ember.serve.engines import estimate_for, expires, replica_health, start_runner_for
 from ember.serve.entries import LoadedModelEntry, Runner, RunningModel
 from ember.serve.events import ServerEvents
 from ember.serve.fallbacks import next_fallback
@@ -479,7 +479,7 @@ class ModelManager:
 
     def _schedule_expiry(self, entry: LoadedModelEntry) -> None:
         self._cancel_expiry(entry)
-        if entry.keep_alive is FOREVER:
+        if entry.keep_alive is FOREVER or not expires(entry.source):
             entry.expires_at = None
             return
         entry.expires_at = time.time() + entry.keep_alive
@@ -516,6 +516,7 @@ class ModelManager:
                     queued=entry.queue.queued,
                     expires_at=entry.expires_at,
                     load_note=entry.load_note,
+                    replicas=replica_health(entry.runner),
                 )
             )
         return rows

@@ -47,6 +47,7 @@ SYSTEM_MEDIA_TYPE = "application/vnd.ollama.image.system"
 PARAMS_MEDIA_TYPE = "application/vnd.ollama.image.params"
 MESSAGES_MEDIA_TYPE = "application/vnd.ollama.image.messages"
 LICENSE_MEDIA_TYPE = "application/vnd.ollama.image.license"
+UPSTREAM_MEDIA_TYPE = "application/vnd.ember.upstream"  # an upstream model's servers, in place of a model file
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 1024 * 1024
 
@@ -98,7 +99,8 @@ class Manifest:
 
     @property
     def model_layer(self) -> Layer:
-        layer = self.layer(MODEL_MEDIA_TYPE)
+        """The layer that answers: the model file, or an upstream model's servers (its digest is the model's ID)."""
+        layer = self.layer(MODEL_MEDIA_TYPE) or self.layer(UPSTREAM_MEDIA_TYPE)
         if layer is None:
             raise StoreError(f"the manifest of {self.name} has no model layer; remove it and pull again")
         return layer

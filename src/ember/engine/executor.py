@@ -37,6 +37,17 @@ class Executor:
         self._samplers: dict[int, Sampler] = {}
         self._host: dict[int, bytearray] = {}  # host-RAM KV entries by the scheduler's entry id
         self._disk: dict[int, DiskEntry] = {}  # disk-tier entries by the scheduler's entry id
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One small decode before the first request, as llama.cpp's own tools do: every weight is read once (an
+        mmap'd model pages in here), so the first request's step is not a cold one, and neither are the step
+        costs the scheduler learns from it. Not timed; the KV is cleared afterwards."""
+        self.batch.clear()
+        self.batch.add(0, 0, 0, True)
+        self.context.decode(self.batch)
+        self.batch.clear()
+        self.context.clear()
 
     @property
     def host_bytes(self) -> int:

@@ -29,6 +29,7 @@ lets a short prompt in at once.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,56 +101,66 @@ class StepPlan:
 
 
 class StepCosts:
-    """How long steps take here, learned from the steps the executor timed (exponential moving averages).
+    """How long steps take here, learned from the steps the executor timed: the median of the last WINDOW
+    observations of each kind, so that one odd step (the first after a load, a moment when the machine was busy)
+    does not steer the budgets for long.
 
     A step costs about the decode-only time of its generating rows plus a marginal time per prefill token.
     """
 
-    def __init__(self, smoothing: float = 0.2) -> None:
-        self.smoothing = smoothing
-        self._decode: dict[int, float] = {}  # decode-only step seconds, by the number of generating rows
-        self.prefill_token: float | None = None  # marginal seconds per prompt token
-        self.copy_cell: float | None = None  # seconds to copy one KV cell (one token of every layer)
+    WINDOW = 9
 
-    def _blend(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.smoothing * (new - old)
+    def __init__(self) -> None:
+        self._decode: dict[int, deque[float]] = {}  # decode-only step seconds, by the number of generating rows
+        self._prefill: deque[float] = deque(maxlen=self.WINDOW)  # marginal seconds per prompt token
+        self._copy: deque[float] = deque(maxlen=self.WINDOW)  # seconds to copy one KV cell (every layer)
+
+    @property
+    def prefill_token(self) -> float | None:
+        return statistics.median(self._prefill) if self._prefill else None
+
+    @property
+    def copy_cell(self) -> float | None:
+        return statistics.median(self._copy) if self._copy else None
 
     def observe_step(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
         if prefill_tokens == 0:
             if decode_rows > 0:
-                self._decode[decode_rows] = self._blend(self._decode.get(decode_rows), seconds)
+                self._decode.setdefault(decode_rows, deque(maxlen=self.WINDOW)).append(seconds)
             return
         base = self.decode_step(decode_rows) if decode_rows else 0.0
         if base is None:
             return
         per_token = (seconds - base) / prefill_tokens
         if per_token > 0:
-            self.prefill_token = self._blend(self.prefill_token, per_token)
+            self._prefill.append(per_token)
 
     def observe_copy(self, cells: int, seconds: float) -> None:
         if cells > 0:
-            self.copy_cell = self._blend(self.copy_cell, seconds / cells)
+            self._copy.append(seconds / cells)
 
     def decode_step(self, rows: int) -> float | None:
         """Seconds of a decode-only step with `rows` generating rows (the nearest count measured)."""
         if not self._decode:
             return None
         nearest = min(self._decode, key=lambda measured: (abs(measured - rows), measured))
-        return self._decode[nearest]
+        return statistics.median(self._decode[nearest])
 
     def prefill_budget(self, decode_rows: int) -> int | None:
         """Prompt tokens a step may add next to `decode_rows` generating rows and stay within ITL_FACTOR times a
         decode-only step: (ITL_FACTOR - 1) decode steps' worth of prefill time. None until both are measured."""
         step = self.decode_step(decode_rows)
-        if step is None or self.prefill_token is None:
+        prefill_token = self.prefill_token
+        if step is None or prefill_token is None:
             return None
-        return max(1, int((ITL_FACTOR - 1.0) * step / self.prefill_token))
+        return max(1, int((ITL_FACTOR - 1.0) * step / prefill_token))
 
     def copy_worth(self, cells: int) -> int:
         """Prompt tokens a copy of `cells` KV cells must save to pay for itself."""
-        if self.copy_cell is None or not self.prefill_token:
+        copy_cell, prefill_token = self.copy_cell, self.prefill_token
+        if copy_cell is None or not prefill_token:
             return math.ceil(cells * PRIOR_COPY_RATIO)
-        return math.ceil(cells * self.copy_cell / self.prefill_token)
+        return math.ceil(cells * copy_cell / prefill_token)
 
 
 @dataclass

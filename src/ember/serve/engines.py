@@ -13,7 +13,8 @@ from ember.options import LoadOptions
 from ember.serve.entries import Runner
 from ember.serve.memory import ModelEstimate, estimate_model
 from ember.store.gguf_file import read_gguf
-from ember.store.resolve import LLAMA_CPP, ModelSource
+from ember.store.model_directory import ModelDirectory, read_model_directory
+from ember.store.resolve import LLAMA_CPP, TRANSFORMERS, ModelSource
 
 
 def start_runner_for(source: ModelSource, options: LoadOptions) -> Runner:
@@ -22,6 +23,10 @@ def start_runner_for(source: ModelSource, options: LoadOptions) -> Runner:
         from ember.runner.client import RunnerProcess
 
         return RunnerProcess(source, options)
+    if source.engine == TRANSFORMERS:
+        from ember.engine_transformers.runner import TransformersRunner
+
+        return TransformersRunner(source, options)
     raise ModelLoadError(f"{source.name} needs the {source.engine!r} engine, which this ember does not have")
 
 
@@ -30,4 +35,20 @@ async def estimate_for(source: ModelSource, options: LoadOptions) -> ModelEstima
     if source.engine == LLAMA_CPP:
         info = await asyncio.to_thread(read_gguf, source.path)  # parsing a large header must not stall streams
         return estimate_model(info, options)
+    if source.engine == TRANSFORMERS:
+        directory = await asyncio.to_thread(read_model_directory, source.path)
+        return transformers_estimate(directory, options)
     raise ModelLoadError(f"{source.name} needs the {source.engine!r} engine, which this ember does not have")
+
+
+def transformers_estimate(directory: ModelDirectory, options: LoadOptions) -> ModelEstimate:
+    """A transformers model's memory: its weights in the loaded dtype, a KV cache of num_ctx x num_parallel
+    tokens in that dtype, and the logits of one prefill (torch's activations are freed between layers)."""
+    weights = directory.weights_bytes_as(options.dtype)
+    element = 2 if options.dtype in ("float16", "bfloat16") else 4
+    kv_cache = directory.kv_bytes_per_token(element) * options.num_ctx * options.num_parallel
+    vocab = int(directory.config.get("vocab_size") or 0)
+    compute = 4 * vocab * min(options.num_batch, options.num_ctx) * options.num_parallel
+    return ModelEstimate(
+        weights=weights, per_layer=(), non_repeating=weights, kv_cache=kv_cache, kv_per_layer=0, compute=compute
+    )

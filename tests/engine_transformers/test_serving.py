@@ -179,9 +179,8 @@ def test_concurrent_requests_are_batched_and_all_complete(base: str) -> None:
     assert all(result.get("done") for result in results), results
     assert results[0]["response"] == alone[0]["response"]  # a row's text does not depend on its neighbours
     tokens = sum(result["eval_count"] for result in results)
-    print(
-        f"\n4 concurrent: {tokens / elapsed:.1f} tokens/s aggregate; alone: {alone[0]['eval_count'] / (alone[0]['total_duration'] / 1e9):.1f}"
-    )
+    alone_rate = alone[0]["eval_count"] / (alone[0]["total_duration"] / 1e9)
+    print(f"\n4 concurrent: {tokens / elapsed:.1f} tokens/s aggregate; alone: {alone_rate:.1f} tokens/s")
 
 
 def test_ember_run_through_the_server_and_alone(server: tuple[str, dict[str, str]], smollm2_dir: Path) -> None:

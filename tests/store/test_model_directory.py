@@ -87,9 +87,9 @@ def test_a_local_directory_is_pulled_one_blob_per_file_and_resolves_to_a_tree(tm
 def test_directories_that_are_not_models_are_refused_saying_what_is_missing(tmp_path: Path) -> None:
     files = model_files()
     del files["model.safetensors"]
-    with pytest.raises(CorruptModelError, match="no .safetensors weights"):
+    with pytest.raises(CorruptModelError, match=r"no \.safetensors weights"):
         pull(str(write_directory(tmp_path / "no-weights", files)))
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
         pull(str(write_directory(tmp_path / "empty", {"x.txt": b""})))
     damaged = {**model_files(), "model.safetensors": b"\xff" * 8 + b"{"}
     with pytest.raises(CorruptModelError, match="safetensors"):

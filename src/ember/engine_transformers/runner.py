@@ -91,11 +91,14 @@ class Answering:
             raise InvalidRequestError("the prompt is empty")
         tokens = self.hf.fit(tokens, truncate=request.truncate is not False)
         room = self.hf.options.num_ctx - len(tokens)
-        self.kinds[request_id] = (kind, request, started)
-        for index in range(choices):
+        jobs = []
+        for index in range(choices):  # all made before any is queued: a bad schema fails the request alone
             each = sampling if sampling.seed < 0 else sampling.model_copy(update={"seed": sampling.seed + index})
             constraint = self.hf.json_formats.constraint(request.format)
-            self.batcher.submit(GenJob(request_id, index, tokens, each, each.max_new_tokens(room), constraint))
+            jobs.append(GenJob(request_id, index, tokens, each, each.max_new_tokens(room), constraint))
+        self.kinds[request_id] = (kind, request, started)
+        for job in jobs:
+            self.batcher.submit(job)
         return True
 
     def _conversation(self, messages: list[Message], system: str | None) -> list[dict[str, Any]]:

@@ -177,6 +177,10 @@ class Batcher:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(not job.done for job in self.rows)
 
+    def starts_batch(self) -> bool:
+        """The next step prefills a new batch (none is running, and requests wait)."""
+        return bool(self.waiting) and not any(not job.done for job in self.rows)
+
     def kv_tokens(self) -> int:
         return sum(len(job.prompt) + len(job.output) for job in self.rows if not job.done)
 

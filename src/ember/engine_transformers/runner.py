@@ -42,6 +42,7 @@ from ember.store.resolve import ModelSource
 from ember.types import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Message, to_messages
 
 log = logging.getLogger(__name__)
+BATCH_GATHER_S = 0.02  # how long a new batch waits for more requests (its first token comes that much later)
 
 
 class TransformersRunner(RunnerProcess):
@@ -258,6 +259,14 @@ class _Loop:
                 wait = 0
                 if not self.running:
                     break
+            if batcher.starts_batch() and self.running:
+                # Requests sent together reach the runner a few milliseconds apart: gather them into one batch.
+                deadline = time.monotonic() + BATCH_GATHER_S
+                while batcher.starts_batch() and len(batcher.waiting) < batcher.max_batch and self.running:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.connection.poll(left):
+                        break
+                    self.handle(self.connection.recv())
             if batcher.has_work():
                 self.step()
             busy = batcher.has_work()

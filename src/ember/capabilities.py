@@ -81,7 +81,10 @@ def is_embedding_model(source: ModelSource) -> bool:
 
 
 def thinks(source: ModelSource, template: str | None = None) -> bool:
-    """Whether the model thinks with this request's template (its own when the request gives none)."""
+    """Whether the model thinks with this request's template (its own when the request gives none). An upstream
+    model's template is its server's: ember cannot tell, and leaves `think` to the server."""
+    if source.upstream is not None:
+        return False
     if source.engine == TRANSFORMERS:
         return False  # its runner does not split a thinking part from the answer
     return template_thinks(effective_template(source, template))
@@ -102,7 +105,10 @@ class Capabilities:
 
 
 def model_capabilities(source: ModelSource) -> Capabilities:
-    """Everything the model can do (reads its vocabulary once per file, for `insert`)."""
+    """Everything the model can do (reads its vocabulary once per file, for `insert`). An upstream model
+    completes text and takes tools; whether its server embeds or thinks is the server's to say."""
+    if source.upstream is not None:
+        return Capabilities(completion=True, embedding=False, tools=True, insert=False, thinking=False)
     embedding = is_embedding_model(source)
     completion = not embedding
     if source.engine == TRANSFORMERS:  # text only: no tool calls, insertion or thinking there yet

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     log_level: str = Field("WARNING", description="Log level for ember's own messages on stderr.")
     keep_alive: str = Field("5m", description="How long a model stays loaded after its last request (-1: always).")
     num_parallel: int = Field(4, ge=1, le=256, description="Sequences each loaded model decodes at once (slots).")
+    upstream_health_interval: float = Field(
+        10.0, gt=0, description="Seconds between health checks of each healthy replica of an upstream model."
+    )
     max_loaded_models: int = Field(3, ge=1, description="Most models loaded at once; the least recently used goes.")
     max_queue: int = Field(512, ge=0, description="Requests that may wait per model before the server says busy.")
     request_timeout: float | None = Field(None, gt=0, description="Seconds a request may wait in the queue.")

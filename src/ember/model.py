@@ -22,12 +22,12 @@ from typing import Any, Literal, overload
 
 from ember import llama_compat
 from ember.collect import collect
-from ember.errors import InvalidOptionError
+from ember.errors import InvalidOptionError, InvalidRequestError
 from ember.loaded_model import LoadedModel
 from ember.options import LOAD_OPTION_NAMES, LoadOptions, SamplingOptions, load_options, sampling_options
 from ember.serve.resolve import apply_defaults
 from ember.store.gguf_file import GGUFInfo
-from ember.store.resolve import LLAMA_CPP, ModelSource, resolve_model
+from ember.store.resolve import TRANSFORMERS, ModelSource, resolve_model
 from ember.types import (
     ChatRequest,
     ChatResponse,
@@ -81,10 +81,15 @@ class Model:
         if verbose:
             logging.getLogger("ember").setLevel(logging.DEBUG)
         source = target if isinstance(target, ModelSource) else resolve_model(target)
-        if source.engine != LLAMA_CPP:
+        if source.engine == TRANSFORMERS:
             raise InvalidOptionError(
-                f"ember.Model loads GGUF models in this process; {source.name} runs on the {source.engine} engine: "
+                f"ember.Model loads GGUF models in this process; {source.name} runs on the transformers engine: "
                 "serve it (`ember serve`) and call the server, or answer with `ember run`"
+            )
+        if source.upstream is not None:
+            raise InvalidRequestError(
+                f"{source.name} is an upstream model: its servers answer through `ember serve`; start the server "
+                "and run it there"
             )
         if system is not None or template is not None:
             source = dataclasses.replace(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from ember.conversations.db import Database
 from ember.jobs.database import JobsDatabase, JobsDatabaseError
 
 
@@ -21,7 +23,7 @@ def test_owners_share_a_file_and_migrate_their_own_tables(tmp_path: Path) -> Non
     upgraded = JobsDatabase(path, "alpha", ["CREATE TABLE alpha (x INTEGER)", "ALTER TABLE alpha ADD COLUMN z TEXT"])
     with upgraded.connect() as db:
         assert [tuple(row) for row in db.execute("SELECT x, z FROM alpha")] == [(1, None)]
-        versions = dict(db.execute("SELECT owner, version FROM jobs_schema_versions").fetchall())
+        versions = dict(db.execute("SELECT component, version FROM schema_versions").fetchall())
         assert versions == {"alpha": 2, "beta": 1}
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -48,3 +50,26 @@ def test_a_newer_schema_and_a_damaged_file_are_refused_with_what_to_do(tmp_path:
     damaged.write_bytes(b"this is not a database" * 100)
     with pytest.raises(JobsDatabaseError, match="move it away"), JobsDatabase(damaged, "alpha", []).connect():
         pass
+
+
+def test_versions_kept_in_the_old_jobs_table_carry_over(tmp_path: Path) -> None:
+    path = tmp_path / "ember.db"
+    with sqlite3.connect(path) as db:  # a file written when the jobs kept their versions apart
+        db.execute("CREATE TABLE jobs_schema_versions (owner TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        db.execute("INSERT INTO jobs_schema_versions VALUES ('alpha', 1)")
+        db.execute("CREATE TABLE alpha (x INTEGER)")
+    upgraded = JobsDatabase(path, "alpha", ["CREATE TABLE alpha (x INTEGER)", "ALTER TABLE alpha ADD COLUMN z TEXT"])
+    with upgraded.connect() as db:  # only the second step runs: the first would fail on the existing table
+        assert [row[1] for row in db.execute("PRAGMA table_info(alpha)")] == ["x", "z"]
+        assert dict(db.execute("SELECT component, version FROM schema_versions").fetchall()) == {"alpha": 2}
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "jobs_schema_versions" not in tables
+
+
+def test_a_conversation_store_and_the_jobs_share_one_version_table(tmp_path: Path) -> None:
+    path = tmp_path / "ember.db"
+    with Database(path).connect():
+        pass
+    with JobsDatabase(path, "alpha", ["CREATE TABLE alpha (x INTEGER)"]).connect() as db:
+        versions = dict(db.execute("SELECT component, version FROM schema_versions").fetchall())
+    assert versions == {"conversations": 1, "alpha": 1}

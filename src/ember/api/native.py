@@ -41,6 +41,8 @@ async def _tokenizer(name: str) -> Any:
     from ember.options import load_options
 
     source = await asyncio.to_thread(resolve_model, name)
+    if source.upstream is not None:
+        raise InvalidRequestError(f"{source.name} is an upstream model: its tokenizer is on its server")
     return await asyncio.to_thread(LlamaModel.vocab_only, source.path, load_options({}))
 
 

@@ -27,8 +27,10 @@ from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.model_directory import ModelDirectory, read_model_directory
 from ember.store.pull import format_parameter_count
 from ember.store.resolve import TRANSFORMERS, ModelSource, resolve_model
-from ember.store.store import MODEL_FILES_MEDIA_TYPE, ModelStore
+from ember.store.store import MODEL_FILES_MEDIA_TYPE, UPSTREAM_MEDIA_TYPE, ModelStore
 from ember.types import ChatResponse, GenerateResponse
+from ember.upstream.facts import DETAILS as UPSTREAM_DETAILS
+from ember.upstream.facts import upstream_info, upstream_modelfile
 
 __all__ = ["PRIORITY_HEADER", "chunk_json", "first_then_rest", "manager_of", "read_json", "router"]
 
@@ -147,7 +149,9 @@ async def tags() -> dict[str, Any]:
         for manifest in store.list():
             try:
                 layer = manifest.model_layer
-                if layer.media_type == MODEL_FILES_MEDIA_TYPE:
+                if layer.media_type == UPSTREAM_MEDIA_TYPE:
+                    details = UPSTREAM_DETAILS
+                elif layer.media_type == MODEL_FILES_MEDIA_TYPE:
                     details = directory_details(read_model_directory(store.model_tree(layer)))
                 else:
                     details = model_details(read_gguf(store.blob_path(layer.digest)))
@@ -175,7 +179,9 @@ async def running(request: Request) -> dict[str, Any]:
     for row in manager_of(request).ps():
         entry = manager_of(request).entries.get(row.name)
         details: dict[str, Any] = {}
-        if entry is not None and entry.source.engine == TRANSFORMERS:
+        if entry is not None and entry.source.upstream is not None:
+            details = UPSTREAM_DETAILS
+        elif entry is not None and entry.source.engine == TRANSFORMERS:
             details = directory_details(read_model_directory(entry.source.path))
         elif entry is not None:
             details = model_details(read_gguf(entry.source.path))
@@ -195,6 +201,7 @@ async def running(request: Request) -> dict[str, Any]:
                     "slots_in_use": row.slots_in_use,
                     "queued": row.queued,
                     "load": row.load_note,
+                    **({"replicas": row.replicas} if row.replicas is not None else {}),
                 },
             }
         )
@@ -225,6 +232,8 @@ async def show(request: Request) -> dict[str, Any]:
     source = await asyncio.to_thread(resolve_model, name)
     if source.engine == TRANSFORMERS:
         return await asyncio.to_thread(_show_directory, source)
+    if source.upstream is not None:
+        return await asyncio.to_thread(_show_upstream, source)
     info = await asyncio.to_thread(read_gguf, source.path)
     capabilities = await asyncio.to_thread(model_capabilities, source)
     from ember.store.modelfile import render_modelfile
@@ -306,6 +315,23 @@ def _show_directory(source: ModelSource) -> dict[str, Any]:
             "engine": source.engine,
             "files": list(directory.files),
         },
+        "capabilities": model_capabilities(source).names(),
+        "modified_at": _rfc3339(_modified(source)),
+    }
+
+
+def _show_upstream(source: ModelSource) -> dict[str, Any]:
+    """/api/show of an upstream model: its servers and defaults, never its key."""
+    return {
+        "license": source.license or "",
+        "modelfile": upstream_modelfile(source),
+        "parameters": "\n".join(f"{key} {json.dumps(value)}" for key, value in source.parameters.items()),
+        "template": "",
+        "system": source.system or "",
+        "details": UPSTREAM_DETAILS,
+        "model_info": upstream_info(source),
+        "messages": [dict(m) for m in source.messages],
+        "ember": {"name": source.name, "digest": source.digest, "parameters": dict(source.parameters), "adapters": []},
         "capabilities": model_capabilities(source).names(),
         "modified_at": _rfc3339(_modified(source)),
     }

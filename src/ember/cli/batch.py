@@ -21,10 +21,9 @@ from typing import Annotated, Any
 
 import typer
 
+from ember.cli import flags
 from ember.errors import InvalidRequestError
 
-_SAMPLING = "Sampling"
-_LOADING = "Loading"
 _WHERE = "Where lines run"
 
 EPILOG = (
@@ -89,31 +88,22 @@ def batch(
         int | None,
         typer.Option("-np", "--parallel", min=1, help="Lines in flight (slots per model).", rich_help_panel=_WHERE),
     ] = None,
-    n_predict: Annotated[
-        int | None, typer.Option("-n", "--n-predict", help="Most tokens to generate.", rich_help_panel=_SAMPLING)
-    ] = None,
-    temperature: Annotated[float | None, typer.Option("--temp", "--temperature", rich_help_panel=_SAMPLING)] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", rich_help_panel=_SAMPLING)] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", rich_help_panel=_SAMPLING)] = None,
-    min_p: Annotated[float | None, typer.Option("--min-p", rich_help_panel=_SAMPLING)] = None,
-    typical_p: Annotated[float | None, typer.Option("--typical", rich_help_panel=_SAMPLING)] = None,
-    repeat_penalty: Annotated[float | None, typer.Option("--repeat-penalty", rich_help_panel=_SAMPLING)] = None,
-    repeat_last_n: Annotated[int | None, typer.Option("--repeat-last-n", rich_help_panel=_SAMPLING)] = None,
-    presence_penalty: Annotated[float | None, typer.Option("--presence-penalty", rich_help_panel=_SAMPLING)] = None,
-    frequency_penalty: Annotated[float | None, typer.Option("--frequency-penalty", rich_help_panel=_SAMPLING)] = None,
-    seed: Annotated[int | None, typer.Option("-s", "--seed", rich_help_panel=_SAMPLING)] = None,
-    stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="Stop string (repeatable).", rich_help_panel=_SAMPLING)
-    ] = None,
-    ctx_size: Annotated[
-        int | None, typer.Option("-c", "--ctx-size", help="Context window (num_ctx).", rich_help_panel=_LOADING)
-    ] = None,
-    gpu_layers: Annotated[
-        int | None,
-        typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU (num_gpu).", rich_help_panel=_LOADING),
-    ] = None,
-    threads: Annotated[int | None, typer.Option("-t", "--threads", rich_help_panel=_LOADING)] = None,
-    batch_size: Annotated[int | None, typer.Option("-b", "--batch-size", rich_help_panel=_LOADING)] = None,
+    n_predict: flags.NPredict = None,
+    temperature: flags.Temperature = None,
+    top_k: flags.TopK = None,
+    top_p: flags.TopP = None,
+    min_p: flags.MinP = None,
+    typical_p: flags.TypicalP = None,
+    repeat_penalty: flags.RepeatPenalty = None,
+    repeat_last_n: flags.RepeatLastN = None,
+    presence_penalty: flags.PresencePenalty = None,
+    frequency_penalty: flags.FrequencyPenalty = None,
+    seed: flags.Seed = None,
+    stop: flags.Stop = None,
+    ctx_size: flags.CtxSize = None,
+    gpu_layers: flags.GpuLayers = None,
+    threads: flags.Threads = None,
+    batch_size: flags.BatchSize = None,
 ) -> int:
     """Run many prompts or OpenAI batch requests; resumable, results in input order."""
     from ember.config import Settings

@@ -186,6 +186,10 @@ def _local_facts(name: str) -> tuple[dict[str, Any], str]:
     from ember.store.modelfile import render_modelfile
 
     source = resolve_model(name)
+    if source.upstream is not None:
+        from ember.upstream.facts import upstream_facts, upstream_modelfile
+
+        return upstream_facts(source), upstream_modelfile(source)
     facts = directory_facts(source) if source.engine == TRANSFORMERS else model_facts(source, read_gguf(source.path))
     text = render_modelfile(
         from_=str(source.path),
@@ -217,6 +221,14 @@ def _print_facts(facts: dict[str, Any]) -> None:
         ("quantization", "quantization"),
     ):
         print(f"    {label:<20}{facts.get(key)}")
+    if facts.get("upstream"):
+        upstream = facts["upstream"]
+        print("\n  Upstream")
+        print(f"    {'model':<20}{upstream['model']}")
+        for url in upstream["replicas"]:
+            print(f"    {'replica':<20}{url}")
+        if upstream.get("key_env"):
+            print(f"    {'key from':<20}${upstream['key_env']}")
     if facts["parameters_defaults"]:
         print("\n  Parameters")
         for key, value in facts["parameters_defaults"].items():

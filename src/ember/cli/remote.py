@@ -183,6 +183,9 @@ def show(name: str) -> tuple[dict[str, Any], str]:
         "license": data.get("license") or info.get("general.license"),
         "engine": extra.get("engine", "llama.cpp"),
     }
+    if architecture == "upstream":
+        facts["context_length"] = info.get("upstream.context_length")
+        facts["upstream"] = {k.removeprefix("upstream."): v for k, v in info.items() if k.startswith("upstream.")}
     return facts, data.get("modelfile", "")
 
 

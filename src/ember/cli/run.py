@@ -14,16 +14,13 @@ from typing import Annotated, Any
 
 import typer
 
-from ember.cli import remote
+from ember.cli import flags, remote
 from ember.cli.output import print_metrics
 from ember.errors import InvalidRequestError
 from ember.model import Model
 from ember.options import load_options, resolve_options
 from ember.store.resolve import TRANSFORMERS, resolve_model
 from ember.types import GenerateRequest, GenerateResponse, build_request
-
-_SAMPLING = "Sampling"
-_LOADING = "Loading"
 
 
 def register(app: typer.Typer) -> None:
@@ -95,39 +92,30 @@ def run(
         list[str] | None,
         typer.Option("-r", "--reverse-prompt", help="In the chat, stop and hand back at this text (repeatable)."),
     ] = None,
-    n_predict: Annotated[
-        int | None, typer.Option("-n", "--n-predict", help="Most tokens to generate.", rich_help_panel=_SAMPLING)
-    ] = None,
-    temperature: Annotated[float | None, typer.Option("--temp", "--temperature", rich_help_panel=_SAMPLING)] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", rich_help_panel=_SAMPLING)] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", rich_help_panel=_SAMPLING)] = None,
-    min_p: Annotated[float | None, typer.Option("--min-p", rich_help_panel=_SAMPLING)] = None,
-    typical_p: Annotated[float | None, typer.Option("--typical", rich_help_panel=_SAMPLING)] = None,
-    repeat_penalty: Annotated[float | None, typer.Option("--repeat-penalty", rich_help_panel=_SAMPLING)] = None,
-    repeat_last_n: Annotated[int | None, typer.Option("--repeat-last-n", rich_help_panel=_SAMPLING)] = None,
-    presence_penalty: Annotated[float | None, typer.Option("--presence-penalty", rich_help_panel=_SAMPLING)] = None,
-    frequency_penalty: Annotated[float | None, typer.Option("--frequency-penalty", rich_help_panel=_SAMPLING)] = None,
-    seed: Annotated[int | None, typer.Option("-s", "--seed", rich_help_panel=_SAMPLING)] = None,
-    stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="Stop string (repeatable).", rich_help_panel=_SAMPLING)
-    ] = None,
-    ctx_size: Annotated[
-        int | None, typer.Option("-c", "--ctx-size", help="Context window (num_ctx).", rich_help_panel=_LOADING)
-    ] = None,
-    gpu_layers: Annotated[
-        int | None,
-        typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU (num_gpu).", rich_help_panel=_LOADING),
-    ] = None,
-    threads: Annotated[int | None, typer.Option("-t", "--threads", rich_help_panel=_LOADING)] = None,
-    batch_size: Annotated[int | None, typer.Option("-b", "--batch-size", rich_help_panel=_LOADING)] = None,
+    n_predict: flags.NPredict = None,
+    temperature: flags.Temperature = None,
+    top_k: flags.TopK = None,
+    top_p: flags.TopP = None,
+    min_p: flags.MinP = None,
+    typical_p: flags.TypicalP = None,
+    repeat_penalty: flags.RepeatPenalty = None,
+    repeat_last_n: flags.RepeatLastN = None,
+    presence_penalty: flags.PresencePenalty = None,
+    frequency_penalty: flags.FrequencyPenalty = None,
+    seed: flags.Seed = None,
+    stop: flags.Stop = None,
+    ctx_size: flags.CtxSize = None,
+    gpu_layers: flags.GpuLayers = None,
+    threads: flags.Threads = None,
+    batch_size: flags.BatchSize = None,
     mlock: Annotated[
-        bool | None, typer.Option("--mlock", help="Keep the model in RAM.", rich_help_panel=_LOADING)
+        bool | None, typer.Option("--mlock", help="Keep the model in RAM.", rich_help_panel=flags.LOADING)
     ] = None,
     no_mmap: Annotated[
-        bool, typer.Option("--no-mmap", help="Read the model instead of mapping it.", rich_help_panel=_LOADING)
+        bool, typer.Option("--no-mmap", help="Read the model instead of mapping it.", rich_help_panel=flags.LOADING)
     ] = False,
     flash_attn: Annotated[
-        bool | None, typer.Option("-fa/-no-fa", "--flash-attn/--no-flash-attn", rich_help_panel=_LOADING)
+        bool | None, typer.Option("-fa/-no-fa", "--flash-attn/--no-flash-attn", rich_help_panel=flags.LOADING)
     ] = None,
 ) -> int | None:
     """Answer a prompt with a model, streamed to the terminal."""

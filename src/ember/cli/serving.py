@@ -103,7 +103,8 @@ def _until(expires_at: str) -> str:
 
 
 def ps() -> None:
-    """List the models the server has loaded: size, CPU/GPU split, slots in use, when each unloads."""
+    """List the models the server has loaded: size, CPU/GPU split (or an upstream model's replicas and their
+    health), slots in use, when each unloads."""
     from ember.cli.models import format_size
 
     models = server_request("GET", "/api/ps").get("models", [])
@@ -117,6 +118,9 @@ def ps() -> None:
         else:
             processor = f"{round(100 * (size - vram) / size)}%/{round(100 * vram / size)}% CPU/GPU"
         extra = model.get("ember", {})
+        replicas = extra.get("replicas")
+        if replicas is not None:
+            processor = f"upstream {sum(1 for r in replicas if r.get('healthy'))}/{len(replicas)} up"
         slots = f"{extra.get('slots_in_use', 0)}/{extra.get('slots', 0)}"
         rows.append(
             (
@@ -132,6 +136,10 @@ def ps() -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         print("    ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+    for model in models:
+        for replica in model.get("ember", {}).get("replicas") or []:
+            health = "up" if replica.get("healthy") else f"down ({replica.get('error') or 'not answering'})"
+            print(f"{model['name']}  {replica.get('url')}  {health}, {replica.get('outstanding', 0)} in flight")
 
 
 def stop(name: Annotated[str, typer.Argument(help="The model to unload.")]) -> None:

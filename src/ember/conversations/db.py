@@ -4,8 +4,8 @@ Every caller opens its own connection (cheap for SQLite), so the store is safe a
 SQLite's locking and a busy timeout order concurrent writers. Each write is one transaction: a killed process
 leaves the last committed state, never half a turn.
 
-The schema's version is kept per component in `schema_versions` (other parts of ember keep their own tables in
-the same file). Version 1 replaced the REPL's `sessions` and `messages` tables (name, ordered messages) with
+The file is shared with the other parts of ember that keep state (ember/database.py: connections, versions,
+errors). Version 1 replaced the REPL's `sessions` and `messages` tables (name, ordered messages) with
 conversations and a message tree; databases written before that are migrated on first open.
 """
 
@@ -13,24 +13,15 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from ember.errors import DiskFullError, EmberError
+from ember.database import DatabaseError, SharedDatabase, statements
 
-_LOW_SPACE = 1024 * 1024  # bytes free under which a failed write is put down to a full disk
-
-BUSY_TIMEOUT_S = 10.0
 COMPONENT = "conversations"
-VERSION = 1
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     title TEXT NOT NULL DEFAULT '',
@@ -138,18 +129,8 @@ CREATE TABLE IF NOT EXISTS chunk_embeddings (
 """
 
 
-class ConversationStoreError(EmberError):
+class ConversationStoreError(DatabaseError):
     """The conversation database cannot be used (damaged, not a database, unwritable)."""
-
-
-def _disk_full(error: sqlite3.Error, folder: Path) -> bool:
-    """SQLITE_FULL, or an I/O error on a disk with no room left (what SQLite reports when a WAL write fails)."""
-    if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        return True
-    try:
-        return shutil.disk_usage(folder).free < _LOW_SPACE
-    except OSError:
-        return False
 
 
 def new_id(prefix: str) -> str:
@@ -158,102 +139,29 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-class Database:
-    """One SQLite file. `connect()` opens a connection with the pragmas set and the schema ready."""
+def _version_1(db: sqlite3.Connection) -> None:
+    """The conversation tables; the REPL's saved sessions of earlier releases become conversations."""
+    legacy = _has_legacy_sessions(db)
+    if legacy:  # the old `messages` table is in the way of the new one: move it aside first
+        db.execute("ALTER TABLE messages RENAME TO legacy_session_messages")
+    for statement in statements(_SCHEMA):
+        db.execute(statement)
+    if legacy:
+        _migrate_sessions(db)
+
+
+class Database(SharedDatabase):
+    """The conversation tables in the SQLite file at `path`: `connect()`, `transaction()`, `snapshot()`."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._ready = False
-        self._ready_lock = threading.Lock()
-
-    @contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        except (OSError, sqlite3.Error) as error:
-            raise ConversationStoreError(f"cannot open the conversation database {self.path}: {error}") from None
-        try:
-            try:
-                connection.execute("PRAGMA foreign_keys = ON")
-                if not self._ready:
-                    with self._ready_lock:
-                        if not self._ready:
-                            _prepare(connection)
-                            self._ready = True
-            except sqlite3.DatabaseError as error:
-                raise ConversationStoreError(
-                    f"the conversation database {self.path} is damaged or not a database ({error}); "
-                    "move it away to start afresh"
-                ) from None
-            yield connection
-        except sqlite3.DatabaseError as error:
-            if _disk_full(error, self.path.parent):
-                raise DiskFullError(
-                    f"the disk holding the conversation database {self.path} is full ({error}); free some space "
-                    "and try again: nothing of this request was stored"
-                ) from None
-            raise ConversationStoreError(f"the conversation database {self.path} failed: {error}") from None
-        finally:
-            connection.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A connection inside BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error): one write, all or nothing."""
-        with self.connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-    @contextmanager
-    def snapshot(self) -> Iterator[sqlite3.Connection]:
-        """A connection inside a read transaction: several SELECTs see one consistent state."""
-        with self.connect() as db:
-            db.execute("BEGIN")
-            try:
-                yield db
-            finally:
-                db.execute("COMMIT")
-
-
-def _prepare(db: sqlite3.Connection) -> None:
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        legacy = _has_legacy_sessions(db)
-        if legacy:  # the old `messages` table is in the way of the new one: move it aside first
-            db.execute("ALTER TABLE messages RENAME TO legacy_session_messages")
-        _create(db)
-        if legacy:
-            _migrate_sessions(db)
-        db.execute(
-            "INSERT INTO schema_versions (component, version) VALUES (?, ?) "
-            "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-            (COMPONENT, VERSION),
+        super().__init__(
+            path,
+            COMPONENT,
+            (_version_1,),
+            description="the conversation database",
+            error=ConversationStoreError,
+            rows_by_name=False,
         )
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
-def _create(db: sqlite3.Connection) -> None:
-    # executescript() would commit the open transaction; run the statements one by one instead.
-    for statement in _statements(_SCHEMA):
-        db.execute(statement)
-
-
-def _statements(script: str) -> Iterator[str]:
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            yield buffer.strip()
-            buffer = ""
 
 
 def _has_legacy_sessions(db: sqlite3.Connection) -> bool:

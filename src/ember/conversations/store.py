@@ -66,6 +66,25 @@ class NewMessage:
         if not isinstance(self.content, str):
             raise InvalidRequestError("a message's content must be text")
 
+    def stored(self, *, id: str, conversation_id: str, parent_id: str | None, seq: int, stamp: float) -> StoredMessage:
+        """The message as the store keeps it, at `seq` under `parent_id`, created and updated at `stamp`."""
+        return StoredMessage(
+            id=id,
+            conversation_id=conversation_id,
+            parent_id=parent_id,
+            seq=seq,
+            role=self.role,
+            content=self.content,
+            tool_calls=self.tool_calls,
+            tool_call_id=self.tool_call_id,
+            tool_name=self.tool_name,
+            status=self.status,
+            pinned=self.pinned,
+            info=dict(self.info),
+            created_at=stamp,
+            updated_at=stamp,
+        )
+
 
 def default_path() -> Path:
     from ember.config import Settings
@@ -354,22 +373,7 @@ class ConversationStore:
                 ),
             )
             stored.append(
-                StoredMessage(
-                    id=message_id,
-                    conversation_id=conversation_id,
-                    parent_id=parent,
-                    seq=seq,
-                    role=message.role,
-                    content=message.content,
-                    tool_calls=message.tool_calls,
-                    tool_call_id=message.tool_call_id,
-                    tool_name=message.tool_name,
-                    status=message.status,
-                    pinned=message.pinned,
-                    info=dict(message.info),
-                    created_at=stamp,
-                    updated_at=stamp,
-                )
+                message.stored(id=message_id, conversation_id=conversation_id, parent_id=parent, seq=seq, stamp=stamp)
             )
             parent, seq = message_id, seq + 1
         if stored and make_active:

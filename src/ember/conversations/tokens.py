@@ -8,6 +8,7 @@ number the engine will see (a test checks it against the runner's own prompt cou
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember.engine.llamacpp import LlamaModel
+from ember.errors import InvalidRequestError
 from ember.options import LOAD_OPTION_NAMES, SAMPLING_OPTION_NAMES, LoadOptions, load_options, sampling_options
 from ember.prompt import PromptBuilder, prompt_limit
 from ember.store.resolve import ModelSource
@@ -54,6 +56,11 @@ class PromptCounter:
             text = self.prompts.render_chat(plan.conversation(conversation), tools=plan.template_tools())
             return self.prompts.tokenize_prompt(text)
 
+    def prompt_length(
+        self, messages: Sequence[Message], *, tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None
+    ) -> int:
+        return len(self.prompt_tokens(messages, tools=tools, tool_choice=tool_choice))
+
     def message_tokens(self, message: Message) -> int:
         """What one message adds to a prompt, its framing included: the difference it makes after a fixed
         system message. Exact for templates that render each message alone (ChatML and most others); the
@@ -81,6 +88,49 @@ class PromptCounter:
             self._vocab.close()
 
 
+class EstimatedCounter:
+    """Token counts of an upstream model's prompts, estimated: its tokenizer and template are on its server.
+
+    One token per 3 bytes of UTF-8 (English text runs at about 4 with Llama-3's and Qwen's tokenizers, so this
+    overestimates, and a context strategy drops a little early rather than sending a prompt the server refuses)
+    and 8 tokens of framing per message, as chat templates add role markers.
+    """
+
+    BYTES_PER_TOKEN = 3
+    FRAMING = 8
+
+    def __init__(self, source: ModelSource) -> None:
+        self.key = f"estimate:{source.digest or source.name}"
+        self.default_system = source.system
+        self.source = source
+
+    def _text_tokens(self, text: str) -> int:
+        return -(-len(text.encode()) // self.BYTES_PER_TOKEN)
+
+    def message_tokens(self, message: Message) -> int:
+        calls = json.dumps([c.model_dump() for c in message.tool_calls]) if message.tool_calls else ""
+        return self._text_tokens(message.content + calls) + self.FRAMING
+
+    def prompt_length(
+        self, messages: Sequence[Message], *, tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None
+    ) -> int:
+        seeds = [Message.model_validate(dict(m)) for m in self.source.messages]
+        conversation = [*seeds, *messages]
+        if self.source.system and not any(m.role == "system" for m in conversation):
+            conversation.insert(0, Message(role="system", content=self.source.system))
+        total = sum(self.message_tokens(m) for m in conversation) + self.FRAMING  # the generation prompt
+        return total + (self._text_tokens(json.dumps(list(tools))) if tools else 0)
+
+    def prompt_tokens(self, messages: Sequence[Message], **_: Any) -> list[int]:
+        raise InvalidRequestError(
+            f"{self.source.name} is an upstream model: its prompt tokens are its server's (return_prompt needs a "
+            "local model)"
+        )
+
+    def close(self) -> None:
+        pass
+
+
 class CounterCache:
     """A few PromptCounters, one per model file, the least recently used closed first."""
 
@@ -89,7 +139,9 @@ class CounterCache:
         self._counters: OrderedDict[tuple[Any, ...], PromptCounter] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, source: ModelSource) -> PromptCounter:
+    def get(self, source: ModelSource) -> PromptCounter | EstimatedCounter:
+        if source.upstream is not None:
+            return EstimatedCounter(source)
         key = (
             str(source.path),
             source.template,

@@ -31,7 +31,7 @@ from ember.conversations.retrieval import Ranker
 from ember.conversations.sources import Sources, collections_of, gather_sources
 from ember.conversations.store import ConversationStore, NewMessage
 from ember.conversations.summarize import Summarizer
-from ember.conversations.tokens import CounterCache, PromptCounter, Window, window_for
+from ember.conversations.tokens import CounterCache, EstimatedCounter, PromptCounter, Window, window_for
 from ember.errors import EngineError, InvalidRequestError
 from ember.store.resolve import ModelSource, resolve_model
 from ember.types import ChatRequest, ChatResponse, Message
@@ -96,7 +96,7 @@ class ConversationService:
     def close(self) -> None:
         self.counters.close()
 
-    async def source(self, model: str) -> tuple[ModelSource, PromptCounter]:
+    async def source(self, model: str) -> tuple[ModelSource, PromptCounter | EstimatedCounter]:
         source = await asyncio.to_thread(resolve_model, model)
         return source, await asyncio.to_thread(self.counters.get, source)
 
@@ -218,7 +218,7 @@ class ConversationService:
         messages: Sequence[StoredMessage | NewMessage],
         model: str,
         source: ModelSource,
-        counter: PromptCounter,
+        counter: PromptCounter | EstimatedCounter,
         window: Window,
         request: TurnRequest,
     ) -> Sources | None:
@@ -259,7 +259,7 @@ class ConversationService:
         request: TurnRequest,
         conversation: Conversation,
         source: ModelSource,
-        counter: PromptCounter,
+        counter: PromptCounter | EstimatedCounter,
         window: Window,
         options: dict[str, Any],
         entries: list[Entry],
@@ -286,7 +286,7 @@ class ConversationService:
         conversation: Conversation,
         strategy: str,
         source: ModelSource,
-        counter: PromptCounter,
+        counter: PromptCounter | EstimatedCounter,
         window: Window,
         *,
         system: str | None,
@@ -295,8 +295,7 @@ class ConversationService:
         timeout: float | None = None,
     ) -> ContextPlanner:
         async def count(messages: list[Message]) -> int:
-            tokens = await asyncio.to_thread(counter.prompt_tokens, messages, tools=tools, tool_choice=tool_choice)
-            return len(tokens)
+            return await asyncio.to_thread(counter.prompt_length, messages, tools=tools, tool_choice=tool_choice)
 
         async def store_summary(text: str, info: dict[str, Any]) -> str:
             return (await asyncio.to_thread(self.store.add_summary, conversation.id, text, info)).id
@@ -331,7 +330,7 @@ class ConversationService:
         window = self.window(source, {**options, "num_predict": max_tokens})
 
         async def count(messages: list[Message]) -> int:
-            return len(await asyncio.to_thread(counter.prompt_tokens, messages))
+            return await asyncio.to_thread(counter.prompt_length, messages)
 
         return Summarizer(self.manager.chat, model, options=options, count=count, budget=window.budget, timeout=timeout)
 
@@ -376,7 +375,7 @@ class ConversationService:
 
 
 def _entries(
-    counter: PromptCounter, path: Sequence[StoredMessage], new: Sequence[NewMessage]
+    counter: PromptCounter | EstimatedCounter, path: Sequence[StoredMessage], new: Sequence[NewMessage]
 ) -> tuple[list[Entry], list[tuple[str, int, str]]]:
     """The path and the new messages as plan entries, with their token estimates (cached per message and
     tokenizer; the ones measured now are returned to be stored)."""
@@ -402,22 +401,8 @@ def _native(message: NewMessage) -> Message:
 
 
 def _unsaved(conversation_id: str, message: NewMessage, parent_id: str | None) -> StoredMessage:
-    stamp = time.time()
-    return StoredMessage(
-        id=message.id or new_id("msg"),
-        conversation_id=conversation_id,
-        parent_id=parent_id,
-        seq=-1,
-        role=message.role,
-        content=message.content,
-        tool_calls=message.tool_calls,
-        tool_call_id=message.tool_call_id,
-        tool_name=message.tool_name,
-        status=message.status,
-        pinned=message.pinned,
-        info=dict(message.info),
-        created_at=stamp,
-        updated_at=stamp,
+    return message.stored(
+        id=message.id or new_id("msg"), conversation_id=conversation_id, parent_id=parent_id, seq=-1, stamp=time.time()
     )
 
 

@@ -7,6 +7,7 @@ tokens. `ModelSource.engine` names the engine; each engine adds its branch here 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from ember.errors import ModelLoadError
 from ember.options import LoadOptions
@@ -15,6 +16,10 @@ from ember.serve.memory import ModelEstimate, estimate_model
 from ember.store.gguf_file import read_gguf
 from ember.store.model_directory import ModelDirectory, read_model_directory
 from ember.store.resolve import LLAMA_CPP, TRANSFORMERS, ModelSource
+from ember.store.upstream import UPSTREAM
+
+# An upstream model holds nothing on this machine: no weights, no KV.
+_NOTHING_LOCAL = ModelEstimate(weights=0, per_layer=(), non_repeating=0, kv_cache=0, kv_per_layer=0, compute=0)
 
 
 def start_runner_for(source: ModelSource, options: LoadOptions) -> Runner:
@@ -27,6 +32,10 @@ def start_runner_for(source: ModelSource, options: LoadOptions) -> Runner:
         from ember.engine_transformers.runner import TransformersRunner
 
         return TransformersRunner(source, options)
+    if source.engine == UPSTREAM:
+        from ember.upstream.runner import UpstreamRunner
+
+        return UpstreamRunner(source, options)
     raise ModelLoadError(f"{source.name} needs the {source.engine!r} engine, which this ember does not have")
 
 
@@ -38,7 +47,21 @@ async def estimate_for(source: ModelSource, options: LoadOptions) -> ModelEstima
     if source.engine == TRANSFORMERS:
         directory = await asyncio.to_thread(read_model_directory, source.path)
         return transformers_estimate(directory, options)
+    if source.engine == UPSTREAM:
+        return _NOTHING_LOCAL
     raise ModelLoadError(f"{source.name} needs the {source.engine!r} engine, which this ember does not have")
+
+
+def expires(source: ModelSource) -> bool:
+    """Whether keep_alive unloads the model when idle. An upstream model holds no memory here and is kept, with
+    its connections and health checks, until `ember stop` (or keep_alive 0) unloads it."""
+    return source.engine != UPSTREAM
+
+
+def replica_health(runner: Runner) -> list[dict[str, Any]] | None:
+    """An upstream model's replicas (URL, health, requests in flight, last error); None for a local model."""
+    status = getattr(runner, "replica_status", None)
+    return status() if callable(status) else None
 
 
 def transformers_estimate(directory: ModelDirectory, options: LoadOptions) -> ModelEstimate:

@@ -74,3 +74,4 @@ class RunningModel:
     queued: int
     expires_at: float | None
     load_note: str
+    replicas: list[dict[str, Any]] | None = None  # an upstream model's replicas and their health

@@ -18,14 +18,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from ember.errors import CorruptModelError, EmberError, ModelLoadError, ServerBusyError
+from ember.errors import CorruptModelError, ModelLoadError, ServerBusyError
 from ember.options import LoadOptions
 from ember.serve.circuit import CircuitBreakers, CircuitOpenError
 from ember.serve.deadlines import Deadlines
-from ember.serve.engines import estimate_for, start_runner_for
+from ember.serve.engines import estimate_for, expires, replica_health, start_runner_for
 from ember.serve.entries import LoadedModelEntry, Runner, RunningModel
 from ember.serve.events import ServerEvents
+from ember.serve.fallbacks import next_fallback
 from ember.serve.keep_alive import FOREVER, parse_keep_alive
+from ember.serve.loading import Lifecycle, RunnerFactory, start_with_retries
 from ember.serve.memory import (
     GpuDevice,
     ModelEstimate,
@@ -45,9 +47,6 @@ from ember.types import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, 
 
 log = logging.getLogger(__name__)
 _MEMORY_ERRORS = ("out of memory", "failed to allocate", "cannot allocate", "unable to allocate", "oom")
-
-
-RunnerFactory = Callable[[ModelSource, LoadOptions], Runner]
 
 
 class ModelManager:
@@ -104,7 +103,7 @@ class ModelManager:
         self._reserved: dict[str, int] = {}  # estimated bytes of the models being loaded
         self.stats = ServerStats()  # answers and tokens over the last minute (/api/stats)
         self._idle = asyncio.Condition()
-        self._crashed: set[str] = set()  # models whose last runner crashed: their next load is a restart
+        self.lifecycle = Lifecycle(self.events, self.breakers, metrics)  # loads, unloads, crashes: events, metrics
 
     # --- requests ------------------------------------------------------------------------------------
     # `batch=True` marks a batch line's request: it takes a slot in the queue's batch class (EMBER_BATCH_SLOTS).
@@ -247,7 +246,7 @@ class ModelManager:
                 entry, ticket, started, probe = await self._admit(candidate, timeout, batch)
                 break
             except (CircuitOpenError, ModelLoadError, CorruptModelError, ServerBusyError) as error:
-                fallback = await self._fallback(resolved, tried)
+                fallback = await next_fallback(self.prepare, self.fallbacks, resolved, tried)
                 if fallback is None:
                     raise
                 log.warning("%s cannot serve (%s); %s answers instead", candidate.name, error, fallback.name)
@@ -315,23 +314,6 @@ class ModelManager:
         entry.keep_alive = keep_alive
         if entry.idle:
             await self._became_idle(entry)
-
-    async def _fallback(self, resolved: Resolved[Any], tried: list[str]) -> Resolved[Any] | None:
-        """The next fallback of the model asked for that has not been tried, resolved like the request."""
-        names = [*self.fallbacks.get(resolved.name, ()), *self.fallbacks.get(resolved.request.model, ())]
-        own = resolved.source.parameters.get("fallback", ())
-        names += [own] if isinstance(own, str) else list(own)
-        for name in names:
-            try:
-                candidate = await asyncio.to_thread(
-                    self.prepare, resolved.request.model_copy(update={"model": name}), int(resolved.priority)
-                )
-            except EmberError as error:
-                log.warning("fallback %s of %s cannot be used: %s", name, resolved.name, error)
-                continue
-            if candidate.name not in tried:
-                return candidate
-        return None
 
     # --- loading -------------------------------------------------------------------------------------
     # Loads never block other models: each model being loaded has a future in `_loading`, and requests for it
@@ -428,7 +410,9 @@ class ModelManager:
         failures: list[str] = []
         for options, description in attempts:
             try:
-                runner = await self._start_retrying(name, source, options)
+                runner = await start_with_retries(
+                    self.runner_factory, name, source, options, self.load_retries, self.load_backoff, self.events
+                )
             except ModelLoadError as error:
                 if not any(marker in str(error).lower() for marker in _MEMORY_ERRORS):
                     raise
@@ -454,30 +438,9 @@ class ModelManager:
             )
             self.entries[name] = entry
             log.info("loaded %s: %s", name, note)
-            self._loaded(entry)
+            self.lifecycle.loaded(entry)
             return entry
         raise ModelLoadError(f"not enough memory to load {name}; tried " + "; ".join(failures))
-
-    async def _start_retrying(self, name: str, source: ModelSource, options: LoadOptions) -> Runner:
-        """A started runner; a load that failed for a transient reason (its process died while loading: killed,
-        out of memory for a moment) is tried again after load_backoff seconds, doubling, load_retries times."""
-        for attempt in range(self.load_retries + 1):
-            runner = self.runner_factory(source, options)
-            try:
-                await runner.start()
-                return runner
-            except ModelLoadError as error:
-                await runner.stop()
-                if not getattr(error, "transient", False) or attempt == self.load_retries:
-                    raise
-                delay = self.load_backoff * 2**attempt
-                log.warning("loading %s failed (%s); trying again in %g s", name, error, delay)
-                self.events.emit("load_retry", model=name, error=str(error), delay=delay)
-                await asyncio.sleep(delay)
-            except BaseException:
-                await runner.stop()
-                raise
-        raise AssertionError("unreachable")
 
     async def _make_room(self, estimate: ModelEstimate, name: str) -> None:
         """Evict least recently used idle models until the new one fits the budget and the model count (loads
@@ -501,32 +464,7 @@ class ModelManager:
         if self.entries.get(entry.name) is entry:
             del self.entries[entry.name]
         await entry.runner.stop()
-        self.events.emit("unload", model=entry.name, reason=reason)
-        if self.metrics is not None:
-            self.metrics.unloads.labels(entry.name).inc()
-            if reason.startswith("evicted"):
-                self.metrics.evictions.labels(entry.name).inc()
-
-    def _loaded(self, entry: LoadedModelEntry) -> None:
-        """Note a load (a restart when the model's last runner crashed), and hear of its runner's crash."""
-        seconds = int(entry.runner.facts.get("load_duration", 0)) / 1e9
-        restart = entry.name in self._crashed
-        self._crashed.discard(entry.name)
-        self.events.emit("load", model=entry.name, seconds=round(seconds, 3), note=entry.load_note, restart=restart)
-        if self.metrics is not None:
-            self.metrics.loads.labels(entry.name).inc()
-            self.metrics.load_time.labels(entry.name).observe(seconds)
-            if restart:
-                self.metrics.restarts.labels(entry.name).inc()
-
-        def crashed(status: str) -> None:
-            self._crashed.add(entry.name)
-            self.breakers.failed(entry.name, f"its runner stopped unexpectedly ({status})")
-            self.events.emit("runner_crash", model=entry.name, status=status)
-            if self.metrics is not None:
-                self.metrics.crashes.labels(entry.name).inc()
-
-        entry.runner.on_crash = crashed
+        self.lifecycle.unloaded(entry, reason)
 
     # --- keep_alive ----------------------------------------------------------------------------------
 
@@ -541,7 +479,7 @@ class ModelManager:
 
     def _schedule_expiry(self, entry: LoadedModelEntry) -> None:
         self._cancel_expiry(entry)
-        if entry.keep_alive is FOREVER:
+        if entry.keep_alive is FOREVER or not expires(entry.source):
             entry.expires_at = None
             return
         entry.expires_at = time.time() + entry.keep_alive
@@ -578,6 +516,7 @@ class ModelManager:
                     queued=entry.queue.queued,
                     expires_at=entry.expires_at,
                     load_note=entry.load_note,
+                    replicas=replica_health(entry.runner),
                 )
             )
         return rows

@@ -117,6 +117,8 @@ def apply_defaults(request: RequestT, source: ModelSource) -> RequestT:
     if any(images):
         raise InvalidRequestError(f"model '{source.name}' does not support images; send text only")
     insert = isinstance(request, GenerateRequest) and bool(request.suffix)
+    if insert and source.upstream is not None:
+        raise InvalidRequestError(f'"{request.model}" is an upstream model: insertion (suffix) is not available')
     if insert and capabilities.fim_tokens(source.path) is None:
         raise InvalidRequestError(
             f'"{request.model}" does not support insert: its vocabulary has no fill-in-the-middle tokens; '
@@ -128,7 +130,7 @@ def apply_defaults(request: RequestT, source: ModelSource) -> RequestT:
         thinks = capabilities.thinks(source, request.template)
         if request.think is None and thinks:
             updates["think"] = True
-        elif request.think not in (None, False) and not thinks:
+        elif request.think not in (None, False) and not thinks and source.upstream is None:
             raise InvalidRequestError(f'"{request.model}" does not support thinking')
     if request.truncate is None:
         updates["truncate"] = True

@@ -29,6 +29,7 @@ from ember.store.store import (
     PARAMS_MEDIA_TYPE,
     SYSTEM_MEDIA_TYPE,
     TEMPLATE_MEDIA_TYPE,
+    UPSTREAM_MEDIA_TYPE,
     Layer,
     Manifest,
     ModelStore,
@@ -60,6 +61,8 @@ def create(
     store = store or ModelStore()
     target = parse_model_name(name)
     spec = modelfile if isinstance(modelfile, Modelfile) else parse_modelfile(modelfile)
+    if spec.upstream is not None:
+        return _create_upstream(store, name, spec, quantize)
     base_dir = base_dir or Path.cwd()
     base = _resolve_base(store, spec.from_, base_dir)
     staged: list[StagedLayer] = []
@@ -70,6 +73,22 @@ def create(
         staged.extend(_text_layers(store, base, spec))
         config = model_config(info, base.source)
         return store.commit(target, staged, config)
+    finally:
+        store.discard([blob for _, blob in staged if isinstance(blob, PendingBlob)])
+
+
+def _create_upstream(store: ModelStore, name: str, spec: Modelfile, quantize: str | None) -> Manifest:
+    """An upstream model: its servers in place of a model file, and the Modelfile's own defaults."""
+    assert spec.upstream is not None
+    if quantize is not None:
+        raise InvalidRequestError("an upstream model cannot be quantized here: its server holds the weights")
+    base = _Base(path=Path(), source=spec.upstream.replicas[0])
+    staged: list[StagedLayer] = []
+    try:
+        staged.append((UPSTREAM_MEDIA_TYPE, store.blob_from_bytes(spec.upstream.to_json())))
+        staged.extend(_text_layers(store, base, spec))
+        config = {"model_format": "upstream", "model_family": "", "source": spec.upstream.model}
+        return store.commit(parse_model_name(name), staged, config)
     finally:
         store.discard([blob for _, blob in staged if isinstance(blob, PendingBlob)])
 

@@ -13,6 +13,10 @@ The syntax is Ollama's (docs/modelfile.md in the Ollama repository)::
     LICENSE \"\"\"...\"\"\"                # may repeat
     ADAPTER ./lora.gguf                # may repeat
 
+An upstream model (served by OpenAI-compatible servers, see ember.store.upstream) has one FROM line per
+replica, `FROM upstream+http://HOST:PORT/v1 MODEL`, and may name the variable holding its key with
+`PARAMETER upstream_key_env NAME`.
+
 Instruction names are case-insensitive and may come in any order. A value is the rest of the line (surrounding
 spaces dropped), a "double-quoted" string (which may span lines; \\" is a quote and \\\\ a backslash, any other
 backslash is kept as written), or a \"\"\"triple-quoted\"\"\" string taken verbatim up to the next \"\"\".
@@ -30,6 +34,7 @@ from typing import Any, Union, get_args, get_origin
 
 from ember.errors import InvalidOptionError, InvalidRequestError
 from ember.options import ALL_OPTION_NAMES, IGNORED_OLLAMA_OPTIONS, LoadOptions, SamplingOptions, resolve_options
+from ember.store.upstream import KEY_ENV_PARAMETER, UpstreamSpec, build_spec, check_key_env, is_upstream
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ class Modelfile:
     messages: list[dict[str, str]] = field(default_factory=list)
     license: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
+    upstream: UpstreamSpec | None = None  # FROM upstream+URL MODEL (one line per replica)
 
 
 class _Reader:
@@ -219,6 +225,8 @@ def parse_modelfile(text: str) -> Modelfile:
     from_: str | None = None
     from_line = 0
     result = Modelfile(from_="")
+    upstream_from: list[str] = []
+    key_env: tuple[str, int] | None = None
     while True:
         reader.skip_blank_lines_and_comments()
         if reader.at_end():
@@ -230,6 +238,12 @@ def parse_modelfile(text: str) -> Modelfile:
             name = reader.word()
             if not name:
                 raise ModelfileError(line, "PARAMETER needs a name and a value, as in PARAMETER temperature 0.7")
+            if name == KEY_ENV_PARAMETER:
+                try:
+                    key_env = (check_key_env(reader.value(line, f"PARAMETER {name}")), line)
+                except InvalidRequestError as error:
+                    raise ModelfileError(line, str(error)) from None
+                continue
             _add_parameter(result.parameters, name, reader.value(line, f"PARAMETER {name}"), line)
         elif instruction == "MESSAGE":
             role = reader.word()
@@ -240,7 +254,15 @@ def parse_modelfile(text: str) -> Modelfile:
             result.messages.append({"role": role.lower(), "content": content})
         elif instruction in INSTRUCTIONS:
             value = reader.value(line, instruction)
-            if instruction == "FROM":
+            if instruction == "FROM" and is_upstream(value):
+                if from_ is not None and not upstream_from:
+                    raise ModelfileError(line, f"an upstream FROM cannot follow the FROM of line {from_line}")
+                upstream_from.append(value)
+                if from_ is None:
+                    from_, from_line = value, line
+            elif instruction == "FROM":
+                if from_ is not None and upstream_from:
+                    raise ModelfileError(line, "after upstream FROM lines, each FROM must be another upstream replica")
                 if from_ is not None:
                     raise ModelfileError(line, f"a second FROM (the first is on line {from_line}); give exactly one")
                 if not value:
@@ -265,6 +287,17 @@ def parse_modelfile(text: str) -> Modelfile:
     if from_ is None:
         raise ModelfileError(1, "no FROM instruction; a Modelfile must name its base model, as in FROM llama3.2")
     result.from_ = from_
+    if upstream_from:
+        try:
+            result.upstream = build_spec(upstream_from, key_env[0] if key_env else None)
+        except InvalidRequestError as error:
+            raise ModelfileError(from_line, str(error)) from None
+        if result.template is not None or result.adapters:
+            raise ModelfileError(
+                from_line, "an upstream model takes no TEMPLATE or ADAPTER: the upstream server applies its own"
+            )
+    elif key_env is not None:
+        raise ModelfileError(key_env[1], f"PARAMETER {KEY_ENV_PARAMETER} is for upstream models (FROM upstream+URL)")
     return result
 
 
@@ -301,13 +334,16 @@ def render_modelfile(
     messages: Sequence[Mapping[str, str]],
     license: Sequence[str],
     adapters: Sequence[str],
+    upstream: UpstreamSpec | None = None,
 ) -> str:
     """The Modelfile text that recreates a model, in the order `ollama show --modelfile` prints it.
 
     `parse_modelfile` reads the result back to an equal `Modelfile`. Parameters set to None are left out;
     a list or tuple value (`stop`) gives one PARAMETER line per item.
     """
-    lines = [f"FROM {_quote(from_)}"]
+    lines = [f"FROM {_quote(line)}" for line in upstream.from_lines()] if upstream else [f"FROM {_quote(from_)}"]
+    if upstream is not None and upstream.key_env:
+        lines.append(f"PARAMETER {KEY_ENV_PARAMETER} {upstream.key_env}")
     lines += [f"ADAPTER {_quote(adapter)}" for adapter in adapters]
     if template is not None:
         lines.append(f"TEMPLATE {_quote(template)}")

@@ -20,9 +20,11 @@ from ember.store.store import (
     PARAMS_MEDIA_TYPE,
     SYSTEM_MEDIA_TYPE,
     TEMPLATE_MEDIA_TYPE,
+    UPSTREAM_MEDIA_TYPE,
     Manifest,
     ModelStore,
 )
+from ember.store.upstream import UPSTREAM, UpstreamSpec
 
 LLAMA_CPP = "llama.cpp"  # the engine of a GGUF file: every model but those a store entry says otherwise of
 TRANSFORMERS = "transformers"  # the engine of a Hugging Face model directory (safetensors, tokenizer, template)
@@ -42,6 +44,7 @@ class ModelSource:
     license: str | None = None
     digest: str | None = None  # "sha256:..." of the model blob, when it comes from the store
     engine: str = LLAMA_CPP  # what produces its tokens (serve/engines.py starts the runner for it)
+    upstream: UpstreamSpec | None = None  # engine "upstream": the servers that answer (path is this spec's blob)
 
 
 def user_path(text: str | os.PathLike[str]) -> Path:
@@ -81,6 +84,9 @@ def source_from_manifest(store: ModelStore, manifest: Manifest) -> ModelSource:
     licenses = [store.read_text(layer) for layer in manifest.all_layers(LICENSE_MEDIA_TYPE)]
     model_layer = manifest.model_layer
     directory = model_layer.media_type == MODEL_FILES_MEDIA_TYPE
+    upstream = None
+    if model_layer.media_type == UPSTREAM_MEDIA_TYPE:
+        upstream = UpstreamSpec.from_json(store.read_json(model_layer))
     return ModelSource(
         name=str(manifest.name),
         path=store.model_tree(model_layer) if directory else store.blob_path(model_layer.digest),
@@ -91,7 +97,8 @@ def source_from_manifest(store: ModelStore, manifest: Manifest) -> ModelSource:
         adapters=tuple(store.blob_path(layer.digest) for layer in manifest.all_layers(ADAPTER_MEDIA_TYPE)),
         license="\n\n".join(licenses) if licenses else None,
         digest=model_layer.digest,
-        engine=TRANSFORMERS if directory else LLAMA_CPP,
+        engine=TRANSFORMERS if directory else UPSTREAM if upstream is not None else LLAMA_CPP,
+        upstream=upstream,
     )
 
 

@@ -51,6 +51,7 @@ LICENSE_MEDIA_TYPE = "application/vnd.ollama.image.license"
 # and, as its model layer, the JSON index of those files by relative path (see ModelStore.model_tree).
 MODEL_FILES_MEDIA_TYPE = "application/vnd.ember.model.files"
 MODEL_FILE_MEDIA_TYPE = "application/vnd.ember.model.file"
+UPSTREAM_MEDIA_TYPE = "application/vnd.ember.upstream"  # an upstream model's servers, in place of a model file
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 1024 * 1024
 
@@ -102,8 +103,9 @@ class Manifest:
 
     @property
     def model_layer(self) -> Layer:
-        """The GGUF file, or the file index of a model directory."""
-        layer = self.layer(MODEL_MEDIA_TYPE) or self.layer(MODEL_FILES_MEDIA_TYPE)
+        """The layer that answers: the model file, a model directory's file index, or an upstream model's servers
+        (its digest is the model's ID)."""
+        layer = self.layer(MODEL_MEDIA_TYPE) or self.layer(MODEL_FILES_MEDIA_TYPE) or self.layer(UPSTREAM_MEDIA_TYPE)
         if layer is None:
             raise StoreError(f"the manifest of {self.name} has no model layer; remove it and pull again")
         return layer

@@ -1,0 +1,1 @@
+"""Upstream models: tokens from OpenAI-compatible servers (vLLM, trtllm-serve, llama-server, another ember)."""

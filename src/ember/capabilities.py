@@ -18,7 +18,8 @@ from pathlib import Path
 from ember.chat_template import CHATML_TEMPLATE
 from ember.errors import ModelLoadError
 from ember.store.gguf_file import GGUFInfo, read_gguf
-from ember.store.resolve import ModelSource
+from ember.store.model_directory import read_model_directory
+from ember.store.resolve import TRANSFORMERS, ModelSource
 from ember.thinking import template_thinks
 
 
@@ -30,6 +31,11 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 @functools.lru_cache(maxsize=32)
 def _gguf_info(key: tuple[str, int, int]) -> GGUFInfo:
     return read_gguf(Path(key[0]))
+
+
+@functools.lru_cache(maxsize=32)
+def _directory_template(key: tuple[str, int, int]) -> str | None:
+    return read_model_directory(Path(key[0])).chat_template
 
 
 @functools.lru_cache(maxsize=32)
@@ -53,16 +59,23 @@ def gguf_info(path: Path) -> GGUFInfo:
 
 
 def fim_tokens(path: Path) -> tuple[int, int, int] | None:
-    """The model's fill-in-the-middle tokens (prefix, suffix, middle), as llama.cpp finds them; None if none."""
+    """The model's fill-in-the-middle tokens (prefix, suffix, middle), as llama.cpp finds them; None if none
+    (and for a transformers model directory, whose engine does not insert)."""
+    if path.is_dir():
+        return None
     return _fim_tokens(_file_key(path))
 
 
 def effective_template(source: ModelSource, override: str | None = None) -> str:
-    """The chat template a request renders with: its own, the Modelfile's, the GGUF file's, or ChatML."""
+    """The chat template a request renders with: its own, the Modelfile's, the model's, or ChatML."""
+    if source.engine == TRANSFORMERS:
+        return override or source.template or _directory_template(_file_key(source.path)) or CHATML_TEMPLATE
     return override or source.template or gguf_info(source.path).chat_template or CHATML_TEMPLATE
 
 
 def is_embedding_model(source: ModelSource) -> bool:
+    if source.engine == TRANSFORMERS:
+        return False  # the transformers engine serves causal language models only
     info = gguf_info(source.path)
     return info.arch_value("pooling_type") is not None
 
@@ -72,6 +85,8 @@ def thinks(source: ModelSource, template: str | None = None) -> bool:
     model's template is its server's: ember cannot tell, and leaves `think` to the server."""
     if source.upstream is not None:
         return False
+    if source.engine == TRANSFORMERS:
+        return False  # its runner does not split a thinking part from the answer
     return template_thinks(effective_template(source, template))
 
 
@@ -96,6 +111,8 @@ def model_capabilities(source: ModelSource) -> Capabilities:
         return Capabilities(completion=True, embedding=False, tools=True, insert=False, thinking=False)
     embedding = is_embedding_model(source)
     completion = not embedding
+    if source.engine == TRANSFORMERS:  # text only: no tool calls, insertion or thinking there yet
+        return Capabilities(completion=True, embedding=False, tools=False, insert=False, thinking=False)
     return Capabilities(
         completion=completion,
         embedding=embedding,

@@ -27,7 +27,7 @@ from ember.loaded_model import LoadedModel
 from ember.options import LOAD_OPTION_NAMES, LoadOptions, SamplingOptions, load_options, sampling_options
 from ember.serve.resolve import apply_defaults
 from ember.store.gguf_file import GGUFInfo
-from ember.store.resolve import ModelSource, resolve_model
+from ember.store.resolve import TRANSFORMERS, ModelSource, resolve_model
 from ember.types import (
     ChatRequest,
     ChatResponse,
@@ -81,6 +81,11 @@ class Model:
         if verbose:
             logging.getLogger("ember").setLevel(logging.DEBUG)
         source = target if isinstance(target, ModelSource) else resolve_model(target)
+        if source.engine == TRANSFORMERS:
+            raise InvalidOptionError(
+                f"ember.Model loads GGUF models in this process; {source.name} runs on the transformers engine: "
+                "serve it (`ember serve`) and call the server, or answer with `ember run`"
+            )
         if source.upstream is not None:
             raise InvalidRequestError(
                 f"{source.name} is an upstream model: its servers answer through `ember serve`; start the server "

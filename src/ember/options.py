@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -112,6 +112,15 @@ class LoadOptions(_OptionsModel):
     num_parallel: int = Field(1, ge=1, le=256, description="Sequences decoded together, each with num_ctx.")
     deterministic: bool = Field(
         False, description="Prefill in exact chunks: temp-0 answers never depend on the KV cache; slower prefill."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
+        None, description="transformers engine: the weights' dtype once loaded; None = as the model's config says."
+    )
+    device_map: str | None = Field(
+        None,
+        max_length=64,
+        description='transformers engine: where the weights go ("auto", "cpu", "cuda", "cuda:1"); None = the GPU '
+        "when there is one (num_gpu 0 keeps the CPU).",
     )
 
 

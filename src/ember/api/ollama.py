@@ -24,9 +24,10 @@ from ember.collect import collect_async
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
 from ember.serve.manager import ModelManager
 from ember.store.gguf_file import GGUFInfo, read_gguf
+from ember.store.model_directory import ModelDirectory, read_model_directory
 from ember.store.pull import format_parameter_count
-from ember.store.resolve import ModelSource, resolve_model
-from ember.store.store import UPSTREAM_MEDIA_TYPE, ModelStore
+from ember.store.resolve import TRANSFORMERS, ModelSource, resolve_model
+from ember.store.store import MODEL_FILES_MEDIA_TYPE, UPSTREAM_MEDIA_TYPE, ModelStore
 from ember.types import ChatResponse, GenerateResponse
 from ember.upstream.facts import DETAILS as UPSTREAM_DETAILS
 from ember.upstream.facts import upstream_info, upstream_modelfile
@@ -112,6 +113,18 @@ async def _answer(request: Request, native: Any, start: Any) -> Response:
     return ndjson(rest())
 
 
+def directory_details(directory: ModelDirectory) -> dict[str, Any]:
+    """`details` of a transformers model directory."""
+    return {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": directory.architecture,
+        "families": [directory.architecture],
+        "parameter_size": format_parameter_count(directory.parameter_count),
+        "quantization_level": directory.stored_dtype,
+    }
+
+
 def model_details(info: GGUFInfo) -> dict[str, Any]:
     return {
         "parent_model": "",
@@ -136,8 +149,13 @@ async def tags() -> dict[str, Any]:
         for manifest in store.list():
             try:
                 layer = manifest.model_layer
-                info = None if layer.media_type == UPSTREAM_MEDIA_TYPE else read_gguf(store.blob_path(layer.digest))
-            except EmberError:
+                if layer.media_type == UPSTREAM_MEDIA_TYPE:
+                    details = UPSTREAM_DETAILS
+                elif layer.media_type == MODEL_FILES_MEDIA_TYPE:
+                    details = directory_details(read_model_directory(store.model_tree(layer)))
+                else:
+                    details = model_details(read_gguf(store.blob_path(layer.digest)))
+            except (EmberError, OSError):
                 continue
             name = str(manifest.name)
             models.append(
@@ -147,7 +165,7 @@ async def tags() -> dict[str, Any]:
                     "modified_at": _rfc3339(manifest.modified),
                     "size": manifest.size,
                     "digest": manifest.model_layer.digest.removeprefix("sha256:"),
-                    "details": model_details(info) if info is not None else UPSTREAM_DETAILS,
+                    "details": details,
                 }
             )
         return models
@@ -160,14 +178,20 @@ async def running(request: Request) -> dict[str, Any]:
     models = []
     for row in manager_of(request).ps():
         entry = manager_of(request).entries.get(row.name)
-        info = read_gguf(entry.source.path) if entry is not None and entry.source.upstream is None else None
+        details: dict[str, Any] = {}
+        if entry is not None and entry.source.upstream is not None:
+            details = UPSTREAM_DETAILS
+        elif entry is not None and entry.source.engine == TRANSFORMERS:
+            details = directory_details(read_model_directory(entry.source.path))
+        elif entry is not None:
+            details = model_details(read_gguf(entry.source.path))
         models.append(
             {
                 "name": row.name,
                 "model": row.name,
                 "size": row.size,
                 "digest": (row.digest or "").removeprefix("sha256:"),
-                "details": model_details(info) if info is not None else UPSTREAM_DETAILS if entry else {},
+                "details": details,
                 "expires_at": _rfc3339(row.expires_at) if row.expires_at else "0001-01-01T00:00:00Z",
                 "size_vram": row.size_vram,
                 "context_length": row.num_ctx,
@@ -206,6 +230,8 @@ async def show(request: Request) -> dict[str, Any]:
     if not name:
         raise InvalidRequestError('give the model to show: {"model": "NAME"}')
     source = await asyncio.to_thread(resolve_model, name)
+    if source.engine == TRANSFORMERS:
+        return await asyncio.to_thread(_show_directory, source)
     if source.upstream is not None:
         return await asyncio.to_thread(_show_upstream, source)
     info = await asyncio.to_thread(read_gguf, source.path)
@@ -241,9 +267,56 @@ async def show(request: Request) -> dict[str, Any]:
             "digest": source.digest,
             "parameters": dict(source.parameters),
             "adapters": [str(path) for path in source.adapters],
+            "engine": source.engine,
         },
         "capabilities": capabilities.names(),
         "modified_at": _rfc3339(await asyncio.to_thread(_modified, source)),
+    }
+
+
+def _show_directory(source: ModelSource) -> dict[str, Any]:
+    """/api/show of a transformers model directory: its config as model_info, its own chat template."""
+    from ember.store.modelfile import render_modelfile
+
+    directory = read_model_directory(source.path)
+    model_info: dict[str, Any] = {f"config.{key}": value for key, value in directory.config.items()}
+    arch, config = directory.architecture, directory.config
+    model_info.update(
+        {
+            "general.architecture": arch,
+            "general.parameter_count": directory.parameter_count,
+            f"{arch}.context_length": directory.context_length,
+            f"{arch}.embedding_length": config.get("hidden_size"),
+            f"{arch}.block_count": config.get("num_hidden_layers"),
+        }
+    )
+    return {
+        "license": source.license or "",
+        "modelfile": render_modelfile(
+            from_=str(source.path),
+            parameters=dict(source.parameters),
+            template=source.template,
+            system=source.system,
+            messages=[dict(m) for m in source.messages],
+            license=[source.license] if source.license else [],
+            adapters=[],
+        ),
+        "parameters": "\n".join(f"{key} {value}" for key, value in source.parameters.items()),
+        "template": source.template or directory.chat_template or "",
+        "system": source.system or "",
+        "details": directory_details(directory),
+        "model_info": model_info,
+        "messages": [dict(m) for m in source.messages],
+        "ember": {
+            "name": source.name,
+            "digest": source.digest,
+            "parameters": dict(source.parameters),
+            "adapters": [],
+            "engine": source.engine,
+            "files": list(directory.files),
+        },
+        "capabilities": model_capabilities(source).names(),
+        "modified_at": _rfc3339(_modified(source)),
     }
 
 

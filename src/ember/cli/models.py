@@ -14,7 +14,7 @@ from ember.cli import remote
 from ember.errors import InvalidRequestError
 from ember.store.gguf_file import GGUFInfo, read_gguf
 from ember.store.pull import format_parameter_count
-from ember.store.resolve import ModelSource, looks_like_path, resolve_model
+from ember.store.resolve import TRANSFORMERS, ModelSource, looks_like_path, resolve_model
 from ember.store.store import ModelStore
 
 
@@ -123,6 +123,32 @@ def model_facts(source: ModelSource, info: GGUFInfo) -> dict[str, Any]:
         "messages": [dict(message) for message in source.messages],
         "adapters": [str(path) for path in source.adapters],
         "license": source.license or info.metadata.get("general.license"),
+        "engine": source.engine,
+    }
+
+
+def directory_facts(source: ModelSource) -> dict[str, Any]:
+    """What `show` reports of a transformers model directory."""
+    from ember.store.model_directory import read_model_directory
+
+    directory = read_model_directory(source.path)
+    return {
+        "name": source.name,
+        "architecture": directory.architecture,
+        "parameters": directory.parameter_count,
+        "parameter_size": format_parameter_count(directory.parameter_count),
+        "quantization": directory.stored_dtype,
+        "context_length": directory.context_length,
+        "embedding_length": directory.config.get("hidden_size"),
+        "layers": directory.config.get("num_hidden_layers"),
+        "digest": source.digest,
+        "template": source.template or directory.chat_template,
+        "system": source.system,
+        "parameters_defaults": dict(source.parameters),
+        "messages": [dict(message) for message in source.messages],
+        "adapters": [],
+        "license": source.license,
+        "engine": source.engine,
     }
 
 
@@ -164,7 +190,7 @@ def _local_facts(name: str) -> tuple[dict[str, Any], str]:
         from ember.upstream.facts import upstream_facts, upstream_modelfile
 
         return upstream_facts(source), upstream_modelfile(source)
-    facts = model_facts(source, read_gguf(source.path))
+    facts = directory_facts(source) if source.engine == TRANSFORMERS else model_facts(source, read_gguf(source.path))
     text = render_modelfile(
         from_=str(source.path),
         parameters=facts["parameters_defaults"],
@@ -186,6 +212,7 @@ def _print_parameters(parameters: dict[str, Any]) -> None:
 def _print_facts(facts: dict[str, Any]) -> None:
     print("  Model")
     for label, key in (
+        ("engine", "engine"),
         ("architecture", "architecture"),
         ("parameters", "parameter_size"),
         ("context length", "context_length"),
@@ -193,7 +220,7 @@ def _print_facts(facts: dict[str, Any]) -> None:
         ("layers", "layers"),
         ("quantization", "quantization"),
     ):
-        print(f"    {label:<20}{facts[key]}")
+        print(f"    {label:<20}{facts.get(key)}")
     if facts.get("upstream"):
         upstream = facts["upstream"]
         print("\n  Upstream")

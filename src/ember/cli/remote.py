@@ -181,6 +181,7 @@ def show(name: str) -> tuple[dict[str, Any], str]:
         "messages": data.get("messages", []),
         "adapters": extra.get("adapters", []),
         "license": data.get("license") or info.get("general.license"),
+        "engine": extra.get("engine", "llama.cpp"),
     }
     if architecture == "upstream":
         facts["context_length"] = info.get("upstream.context_length")

@@ -18,9 +18,9 @@ from ember.cli import flags, remote
 from ember.cli.output import print_metrics
 from ember.errors import InvalidRequestError
 from ember.model import Model
-from ember.options import resolve_options
-from ember.store.resolve import resolve_model
-from ember.types import GenerateResponse
+from ember.options import load_options, resolve_options
+from ember.store.resolve import TRANSFORMERS, resolve_model
+from ember.types import GenerateRequest, GenerateResponse, build_request
 
 
 def register(app: typer.Typer) -> None:
@@ -179,6 +179,16 @@ def run(
         request = {"model": served, "prompt": text, "system": system, "raw": raw, "format": answer_format}
         request = {key: value for key, value in request.items() if value is not None}
         final = _stream(remote.generate({**request, "options": {**load, **sampling}}))
+    elif source is not None and source.engine == TRANSFORMERS:
+        from ember.engine_transformers.runner import Answering
+
+        answering = Answering(source, load_options(load))
+        try:
+            request = build_request(GenerateRequest, prompt=text, system=system, raw=raw, format=answer_format)
+            request = request.model_copy(update={"options": sampling})
+            final = _stream(answering.generate(request))
+        finally:
+            answering.close()
     else:
         with Model(source, **load) as loaded:
             chunks = loaded.generate(text, system=system, raw=raw, format=answer_format, stream=True, options=sampling)

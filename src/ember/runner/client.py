@@ -69,6 +69,8 @@ class _Crashed(NamedTuple):
 class RunnerProcess:
     """One model loaded in its own process. Use from one event loop."""
 
+    module = "ember.runner.process"  # the process's main module: each engine's runner speaks runner/protocol.py
+
     def __init__(self, source: ModelSource, options: LoadOptions) -> None:
         self.source = source
         self.options = options
@@ -97,7 +99,7 @@ class RunnerProcess:
         self._ready = self._loop.create_future()
         parent_socket, child_socket = socket.socketpair()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "ember.runner.process", str(child_socket.fileno())],
+            [sys.executable, "-m", self.module, str(child_socket.fileno())],
             pass_fds=[child_socket.fileno()],
             stdin=subprocess.DEVNULL,
         )

@@ -21,7 +21,7 @@ from ember import capabilities
 from ember.errors import InvalidRequestError
 from ember.options import LoadOptions, SamplingOptions, resolve_options
 from ember.serve.queue import Priority, parse_priority
-from ember.store.resolve import ModelSource
+from ember.store.resolve import TRANSFORMERS, ModelSource
 from ember.types import ChatRequest, EmbedRequest, GenerateRequest
 
 NativeRequest = GenerateRequest | ChatRequest | EmbedRequest
@@ -99,6 +99,10 @@ def resolve_request(
     own = {key: value for key, value in source.parameters.items() if key != "fallback"}  # the manager's, not an option
     load, sampling = resolve_options(default_options, own, request.options)
     limits.check({k: v for k, v in (request.options or {}).items() if v is not None}, load, sampling)
+    if source.engine == TRANSFORMERS:  # what that engine cannot do is a 400 now, before any load
+        from ember.engine_transformers.support import check_request
+
+        check_request(request, sampling)
     level = parse_priority(priority if priority is not None else request.priority)
     return Resolved(apply_defaults(request, source), source.name, source, load, sampling, keep_alive, level)
 

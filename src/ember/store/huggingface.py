@@ -60,12 +60,23 @@ class HFFile:
     size: int | None = None
 
 
+@dataclass(frozen=True)
+class HFDirectory:
+    """A repository without GGUF files that holds a transformers model (config.json and safetensors weights):
+    pulled whole, as the files a model directory keeps (store/model_directory.py)."""
+
+    repo_id: str
+    files: tuple[HFFile, ...]
+    suggested_name: str  # hf.co/owner/repo:latest
+
+
 def is_hf_reference(text: str) -> bool:
     return text.strip().lower().startswith(_PREFIXES)
 
 
-def resolve_hf_reference(ref: str) -> HFFile:
-    """Resolve a Hugging Face reference to one GGUF file, listing the repository when no file is named."""
+def resolve_hf_reference(ref: str) -> HFFile | HFDirectory:
+    """Resolve a Hugging Face reference to one GGUF file, listing the repository when no file is named; a
+    repository with no GGUF file but a transformers model (config.json + safetensors) is that directory."""
     repo_id, filename, quant = _parse_reference(ref)
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
     token = huggingface_hub.get_token()
@@ -73,7 +84,14 @@ def resolve_hf_reference(ref: str) -> HFFile:
     sha256: str | None = None
     size: int | None = None
     if filename is None:
-        files = _list_gguf_files(repo_id, endpoint, token)
+        listing = _list_files(repo_id, endpoint, token)
+        files = _gguf_files(listing)
+        if not files and quant is None and _is_transformers_model(listing):
+            return _directory(repo_id, listing, endpoint, headers)
+        if not files:
+            raise ModelNotFoundError(
+                f"hf.co/{repo_id} has no GGUF model file, nor a transformers model (config.json and .safetensors)"
+            )
         filename = _choose_file(repo_id, list(files), quant)
         sha256, size = files[filename]
     url = hf_hub_url(repo_id, filename, endpoint=endpoint)
@@ -125,8 +143,39 @@ def _parse_reference(ref: str) -> tuple[str, str | None, str | None]:
     return f"{owner}/{repo}", filename, quant
 
 
-def _list_gguf_files(repo_id: str, endpoint: str, token: str | None) -> dict[str, tuple[str | None, int | None]]:
-    """The repository's loadable GGUF files: name -> (sha256 digest, size); no projector (mmproj) files.
+def _gguf_files(listing: dict[str, tuple[str | None, int | None]]) -> dict[str, tuple[str | None, int | None]]:
+    """The repository's loadable GGUF files: name -> (sha256 digest, size); no projector (mmproj) files."""
+    return {
+        name: facts
+        for name, facts in listing.items()
+        if name.lower().endswith(".gguf") and "mmproj" not in name.lower()
+    }
+
+
+def _is_transformers_model(listing: dict[str, tuple[str | None, int | None]]) -> bool:
+    return "config.json" in listing and any(name.endswith(".safetensors") for name in listing)
+
+
+def _directory(
+    repo_id: str, listing: dict[str, tuple[str | None, int | None]], endpoint: str, headers: dict[str, str]
+) -> HFDirectory:
+    """The files of a model directory the store keeps (no README, no .bin copies, no remote code)."""
+    from ember.store.model_directory import KEPT_SUFFIXES
+
+    name = _suggested_name(repo_id, "latest")
+    files = []
+    for filename in sorted(listing):
+        if filename.lower().endswith(KEPT_SUFFIXES) and not any(p.startswith(".") for p in filename.split("/")):
+            if not all(_FILE_PART.fullmatch(part) and ".." not in part for part in filename.split("/")):
+                raise PullError(f"hf.co/{repo_id} has a file named {filename!r}, which ember will not write")
+            sha256, size = listing[filename]
+            url = hf_hub_url(repo_id, filename, endpoint=endpoint)
+            files.append(HFFile(repo_id, filename, url, headers, name, sha256, size))
+    return HFDirectory(repo_id, tuple(files), name)
+
+
+def _list_files(repo_id: str, endpoint: str, token: str | None) -> dict[str, tuple[str | None, int | None]]:
+    """Every file of the repository: name -> (sha256 digest of an LFS file, size).
 
     huggingface_hub requests `GET {endpoint}/api/models/{repo_id}?blobs=true` (model_info with files_metadata),
     which lists the files with their sizes and LFS sha256 in one request.
@@ -157,12 +206,8 @@ def _list_gguf_files(repo_id: str, endpoint: str, token: str | None) -> dict[str
         raise PullError(f"cannot reach {endpoint} to list hf.co/{repo_id}: {reason}; check the network") from exc
     files: dict[str, tuple[str | None, int | None]] = {}
     for sibling in info.siblings or []:
-        name = sibling.rfilename
-        if name.lower().endswith(".gguf") and "mmproj" not in name.lower():
-            sha256 = f"sha256:{sibling.lfs.sha256}" if sibling.lfs is not None else None
-            files[name] = (sha256, sibling.size)
-    if not files:
-        raise ModelNotFoundError(f"hf.co/{repo_id} has no GGUF model file; ember runs .gguf models only")
+        sha256 = f"sha256:{sibling.lfs.sha256}" if sibling.lfs is not None else None
+        files[sibling.rfilename] = (sha256, sibling.size)
     return files
 
 

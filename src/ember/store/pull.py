@@ -113,6 +113,10 @@ def pull(
         return _pull_huggingface(store, source, target_name=name, sha256=sha256, progress=progress)
     if looks_like_path(source):
         path = user_path(source)
+        if path.is_dir():
+            from ember.store.pull_directory import pull_local_directory
+
+            return pull_local_directory(store, path, name or name_from_filename(path.name))
         if not path.is_file():
             raise ModelNotFoundError(f"no model file at {path}")
         _check_sha256(path, sha256)
@@ -236,9 +240,13 @@ def _pull_url(
 def _pull_huggingface(
     store: ModelStore, reference: str, *, target_name: str | None, sha256: str | None, progress: ProgressFactory
 ) -> PullResult:
-    from ember.store.huggingface import resolve_hf_reference
+    from ember.store.huggingface import HFDirectory, resolve_hf_reference
 
     hf_file = resolve_hf_reference(reference)
+    if isinstance(hf_file, HFDirectory):  # no GGUF file: a transformers model directory
+        from ember.store.pull_directory import pull_hf_directory
+
+        return pull_hf_directory(store, hf_file, target_name or hf_file.suggested_name, progress)
     name = target_name or hf_file.suggested_name
     expected = sha256 or hf_file.sha256  # the hub lists each file's sha256: a download is always checked
     return _download_and_register(

@@ -10,11 +10,13 @@ from typing import Any
 
 from ember.errors import ModelNotFoundError
 from ember.store.bundled import find_bundled
+from ember.store.model_directory import read_model_directory
 from ember.store.names import parse_model_name
 from ember.store.store import (
     ADAPTER_MEDIA_TYPE,
     LICENSE_MEDIA_TYPE,
     MESSAGES_MEDIA_TYPE,
+    MODEL_FILES_MEDIA_TYPE,
     PARAMS_MEDIA_TYPE,
     SYSTEM_MEDIA_TYPE,
     TEMPLATE_MEDIA_TYPE,
@@ -25,6 +27,7 @@ from ember.store.store import (
 from ember.store.upstream import UPSTREAM, UpstreamSpec
 
 LLAMA_CPP = "llama.cpp"  # the engine of a GGUF file: every model but those a store entry says otherwise of
+TRANSFORMERS = "transformers"  # the engine of a Hugging Face model directory (safetensors, tokenizer, template)
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,13 @@ def user_path(text: str | os.PathLike[str]) -> Path:
 
 
 def looks_like_path(text: str) -> bool:
-    """A .gguf name, anything with a directory part, or an existing file is a path, not a model name."""
+    """A .gguf name, anything with a directory part, or an existing file or directory is a path, not a name."""
     return (
         text.lower().endswith(".gguf")
         or text.startswith((".", "~", os.sep))
         or (os.altsep is not None and os.altsep in text)
         or Path(text).is_file()
+        or (Path(text) / "config.json").is_file()
     )
 
 
@@ -79,12 +83,13 @@ def source_from_manifest(store: ModelStore, manifest: Manifest) -> ModelSource:
         system = store.read_text(layer)
     licenses = [store.read_text(layer) for layer in manifest.all_layers(LICENSE_MEDIA_TYPE)]
     model_layer = manifest.model_layer
+    directory = model_layer.media_type == MODEL_FILES_MEDIA_TYPE
     upstream = None
     if model_layer.media_type == UPSTREAM_MEDIA_TYPE:
         upstream = UpstreamSpec.from_json(store.read_json(model_layer))
     return ModelSource(
         name=str(manifest.name),
-        path=store.blob_path(model_layer.digest),
+        path=store.model_tree(model_layer) if directory else store.blob_path(model_layer.digest),
         system=system,
         template=template,
         parameters=parameters,
@@ -92,7 +97,7 @@ def source_from_manifest(store: ModelStore, manifest: Manifest) -> ModelSource:
         adapters=tuple(store.blob_path(layer.digest) for layer in manifest.all_layers(ADAPTER_MEDIA_TYPE)),
         license="\n\n".join(licenses) if licenses else None,
         digest=model_layer.digest,
-        engine=UPSTREAM if upstream is not None else LLAMA_CPP,
+        engine=TRANSFORMERS if directory else UPSTREAM if upstream is not None else LLAMA_CPP,
         upstream=upstream,
     )
 
@@ -101,6 +106,9 @@ def resolve_model(name_or_path: str | os.PathLike[str], store: ModelStore | None
     """Find a model by store name or file path. Raises ModelNotFoundError with what to do next."""
     if isinstance(name_or_path, os.PathLike) or looks_like_path(str(name_or_path)):
         path = user_path(name_or_path)
+        if path.is_dir():
+            read_model_directory(path)  # refuse a directory that is not a model, saying what it lacks
+            return ModelSource(name=path.name, path=path.resolve(), engine=TRANSFORMERS)
         if not path.is_file():
             raise ModelNotFoundError(f"no model file at {path}")
         return ModelSource(name=path.name, path=path.resolve())

@@ -47,6 +47,10 @@ SYSTEM_MEDIA_TYPE = "application/vnd.ollama.image.system"
 PARAMS_MEDIA_TYPE = "application/vnd.ollama.image.params"
 MESSAGES_MEDIA_TYPE = "application/vnd.ollama.image.messages"
 LICENSE_MEDIA_TYPE = "application/vnd.ollama.image.license"
+# A Hugging Face model directory: one layer per file (MODEL_FILE_MEDIA_TYPE, content-addressed like any blob)
+# and, as its model layer, the JSON index of those files by relative path (see ModelStore.model_tree).
+MODEL_FILES_MEDIA_TYPE = "application/vnd.ember.model.files"
+MODEL_FILE_MEDIA_TYPE = "application/vnd.ember.model.file"
 UPSTREAM_MEDIA_TYPE = "application/vnd.ember.upstream"  # an upstream model's servers, in place of a model file
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 1024 * 1024
@@ -99,8 +103,9 @@ class Manifest:
 
     @property
     def model_layer(self) -> Layer:
-        """The layer that answers: the model file, or an upstream model's servers (its digest is the model's ID)."""
-        layer = self.layer(MODEL_MEDIA_TYPE) or self.layer(UPSTREAM_MEDIA_TYPE)
+        """The layer that answers: the model file, a model directory's file index, or an upstream model's servers
+        (its digest is the model's ID)."""
+        layer = self.layer(MODEL_MEDIA_TYPE) or self.layer(MODEL_FILES_MEDIA_TYPE) or self.layer(UPSTREAM_MEDIA_TYPE)
         if layer is None:
             raise StoreError(f"the manifest of {self.name} has no model layer; remove it and pull again")
         return layer
@@ -129,6 +134,7 @@ class ModelStore:
         self.manifests = self.root / "manifests"
         self.tmp = self.root / "tmp"
         self.partial = self.root / "partial"
+        self.trees = self.root / "trees"  # model directories laid out as links to their blobs, by index digest
         self._defaults_checked = False
 
     def _ensure_defaults(self) -> None:
@@ -145,6 +151,34 @@ class ModelStore:
 
     def blob_path(self, digest: str) -> Path:
         return self.blobs / validate_digest(digest).replace(":", "-")
+
+    def model_tree(self, index: Layer) -> Path:
+        """A model directory's files under their names, as symbolic links to the blobs (the layout of the
+        Hugging Face cache's snapshots), made from the index layer the first time and kept while it is used."""
+        tree = self.trees / index.digest.removeprefix("sha256:")
+        if tree.is_dir():
+            return tree
+        files = self.read_json(index)
+        staging = self.trees / f".{os.getpid()}-{uuid.uuid4().hex}"
+        try:
+            for relative, digest in files.items():
+                parts = Path(relative).parts
+                if not parts or any(part in ("", ".", "..") for part in parts) or Path(relative).is_absolute():
+                    raise StoreError(f"the file index {index.digest} names a path outside its directory: {relative!r}")
+                link = staging.joinpath(*parts)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(self.blob_path(digest))
+            try:
+                os.rename(staging, tree)
+            except OSError:  # another process made it meanwhile
+                if not tree.is_dir():
+                    raise
+        except OSError as error:
+            raise _disk_error(error, f"laying out {tree}") from None
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return tree
 
     def manifest_path(self, name: ModelName) -> Path:
         host = name.host or DEFAULT_HOST
@@ -384,6 +418,10 @@ class ModelStore:
         for blob in self.blobs.glob("sha256-*"):
             if blob.name.replace("-", ":", 1) not in referenced:
                 blob.unlink(missing_ok=True)
+        if self.trees.is_dir():
+            for tree in self.trees.iterdir():
+                if not tree.name.startswith(".") and f"sha256:{tree.name}" not in referenced:
+                    shutil.rmtree(tree, ignore_errors=True)
 
     def cleanup_temp(self) -> int:
         """Remove temp files left by processes that are no longer running; return how many."""

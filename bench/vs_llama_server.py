@@ -62,7 +62,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def system_prompt(tag: str, facts: int = 60) -> str:
+def system_prompt(tag: str, facts: int = 50) -> str:
     """About 1,300 tokens: numbered facts, all after a short header that names the chat (and the run)."""
     lines = [f"Fact {i}: {FACTS[i % len(FACTS)]} ({tag}, {i})." for i in range(facts)]
     return f"You are a helpful assistant for chat {tag}. Use these notes.\n" + "\n".join(lines)
@@ -218,7 +218,12 @@ async def paired(name: str, measures: list[Server], measure: Measure, runs: int,
         pair = []
         for server in measures:
             await asyncio.sleep(0.5)  # llama.cpp's threads keep spinning for a moment after a graph
-            value = await measure(server, run)
+            try:
+                value = await measure(server, run)
+            except Exception as error:
+                status = server.process.poll()
+                state = "running" if status is None else f"exited with status {status}"
+                raise RuntimeError(f"{name}, run {run}: {server.name} failed ({state}): {error!r}") from error
             values[server.name].append(value)
             pair.append(value)
         ratios.append(pair[0] / pair[1])

@@ -109,6 +109,12 @@ def test_count_tokens_matches_what_a_request_uses(claude: anthropic.Anthropic) -
     assert with_tools.input_tokens > counted.input_tokens  # the tools are part of the prompt
 
 
+def test_count_tokens_without_a_model_is_a_400(base: str) -> None:
+    response = httpx.post(base + "/v1/messages/count_tokens", json={"model": "", "messages": QUESTION})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_errors_have_anthropics_shape(claude: anthropic.Anthropic, base: str) -> None:
     with pytest.raises(anthropic.NotFoundError) as missing:
         claude.messages.create(model="no-such-model", max_tokens=8, messages=QUESTION)

@@ -28,7 +28,7 @@ from ember.api.bodies import parse_body
 from ember.api.ollama import PRIORITY_HEADER, first_then_rest, manager_of
 from ember.collect import collect_async
 from ember.errors import EmberError, InvalidRequestError
-from ember.store.resolve import ModelSource, resolve_model
+from ember.store.resolve import LLAMA_CPP, ModelSource, resolve_model
 from ember.types import ChatRequest, ChatResponse
 
 router = APIRouter()
@@ -203,8 +203,10 @@ async def count_tokens(request: Request) -> dict[str, int]:
     tools as the model sees them) and tokenized, as a request would be."""
     body = await parse_body(request, CountTokensRequest)
     source, native = await _native(body)
-    if source.upstream is not None:
+    if source is not None and source.upstream is not None:
         raise InvalidRequestError(f"{source.name} is an upstream model: its tokenizer is on its server")
+    if source is not None and source.engine != LLAMA_CPP:
+        raise InvalidRequestError(f"{source.name} runs on the {source.engine} engine: count_tokens reads GGUF models")
     # The checks of a request (model, options, capabilities), and the defaults it would get.
     resolved = await asyncio.to_thread(manager_of(request).prepare, native)
     return {"input_tokens": await asyncio.to_thread(_count, source, resolved.request)}

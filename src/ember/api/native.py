@@ -15,7 +15,7 @@ from ember.api.ollama_protocol import OllamaChatRequest, OllamaGenerateRequest
 from ember.errors import EmberError, InvalidRequestError
 from ember.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ember.serve.tracking import RequestRecord, open_request, request_id, take_body_timeout
-from ember.store.resolve import resolve_model
+from ember.store.resolve import LLAMA_CPP, resolve_model
 
 router = APIRouter()
 
@@ -43,6 +43,8 @@ async def _tokenizer(name: str) -> Any:
     source = await asyncio.to_thread(resolve_model, name)
     if source.upstream is not None:
         raise InvalidRequestError(f"{source.name} is an upstream model: its tokenizer is on its server")
+    if source.engine != LLAMA_CPP:
+        raise InvalidRequestError(f"{source.name} runs on the {source.engine} engine: /api/tokenize reads GGUF models")
     return await asyncio.to_thread(LlamaModel.vocab_only, source.path, load_options({}))
 
 

@@ -126,14 +126,20 @@ async def chat(server: Server, messages: list[dict[str, str]], max_tokens: int) 
     """(TTFT seconds, completion tokens, text) of one streamed chat completion at temperature 0."""
     sent = time.perf_counter()
     first, tokens, text = 0.0, 0, ""
-    stream = await server.client.chat.completions.create(
-        model=server.model,
-        messages=messages,  # type: ignore[arg-type]
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
+    for attempt in range(2):
+        try:
+            stream = await server.client.chat.completions.create(
+                model=server.model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            break
+        except openai.APIConnectionError:  # a kept-alive connection the server had closed: nothing was sent
+            if attempt:
+                raise
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()

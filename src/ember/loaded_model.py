@@ -170,7 +170,9 @@ class LoadedModel:
         truncate = request.truncate is not False
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
         grammar = request.grammar or grammar_for_format(request.format)
-        sequences = self._submit_choices(tokens, sampling, grammar, requested_logprobs(request), choices)
+        sequences = self._submit_choices(
+            tokens, sampling, grammar, requested_logprobs(request), choices, _priority(request.priority)
+        )
         return [Job(self, "generate", sequence, started, thinking=_thinking_parser(opened)) for sequence in sequences]
 
     def start_chat(self, request: ChatRequest, choices: int = 1) -> list[Job] | ChatResponse:
@@ -198,7 +200,9 @@ class LoadedModel:
             continue_final=request.continue_final,
         )
         grammar = plan.grammar() or request.grammar or grammar_for_format(request.format)
-        sequences = self._submit_choices(prompt.tokens, sampling, grammar, requested_logprobs(request), choices)
+        sequences = self._submit_choices(
+            prompt.tokens, sampling, grammar, requested_logprobs(request), choices, _priority(request.priority)
+        )
         opened = prompt_opens_thinking(prompt.text) if think else None
         return [
             Job(
@@ -233,28 +237,39 @@ class LoadedModel:
     # --- internals -----------------------------------------------------------------------------------
 
     def _submit(
-        self, tokens: list[int], sampling: SamplingOptions, grammar: str | None, logprobs: int | None = None
+        self,
+        tokens: list[int],
+        sampling: SamplingOptions,
+        grammar: str | None,
+        logprobs: int | None = None,
+        priority: int = 1,
     ) -> Sequence:
         room = self.options.num_ctx - len(tokens)
-        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs)
+        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs, priority)
         with self._lock:
             return self.engine.submit(request)
 
     def _submit_choices(
-        self, tokens: list[int], sampling: SamplingOptions, grammar: str | None, logprobs: int | None, choices: int
+        self,
+        tokens: list[int],
+        sampling: SamplingOptions,
+        grammar: str | None,
+        logprobs: int | None,
+        choices: int,
+        priority: int = 1,
     ) -> list[Sequence]:
         """`choices` completions of one prompt. They fork from one prefill when the slots allow it; choice i
         samples with seed + i when a seed is set, as separate requests would."""
         if choices == 1:
-            return [self._submit(tokens, sampling, grammar, logprobs)]
+            return [self._submit(tokens, sampling, grammar, logprobs, priority)]
         samplings = [
             sampling if sampling.seed < 0 else sampling.model_copy(update={"seed": (sampling.seed + i) % _SEEDS})
             for i in range(choices)
         ]
         if choices > self.options.num_parallel:  # not all at once: one after another, through the prefix cache
-            return [self._submit(tokens, each, grammar, logprobs) for each in samplings]
+            return [self._submit(tokens, each, grammar, logprobs, priority) for each in samplings]
         room = self.options.num_ctx - len(tokens)
-        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs)
+        request = SequenceRequest(tokens, sampling, sampling.max_new_tokens(max(room, 0)), grammar, logprobs, priority)
         with self._lock:
             return self.engine.submit_forks(request, samplings[1:])
 
@@ -392,6 +407,17 @@ def disk_cache_for(source: ModelSource, options: LoadOptions, configured: Settin
         return None
     key = cache_key(source.path, source.digest, source.adapters, options.flash_attn)
     return DiskCache(configured.home / "kv" / key, configured.kv_cache_disk)
+
+
+_PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+
+
+def _priority(value: str | int | None) -> int:
+    """The request's priority as the engine orders prompts (0 high, 1 normal, 2 low); the server checked it
+    already (serve/queue.py), and anything else counts as normal."""
+    if isinstance(value, str):
+        return _PRIORITIES.get(value.strip().lower(), 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1, 2) else 1
 
 
 def _thinking_parser(opened: bool | None) -> ThinkingParser | None:

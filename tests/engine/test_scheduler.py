@@ -205,6 +205,34 @@ def test_prefill_next_to_decoding_streams_is_bounded_to_keep_their_step_time() -
     assert alone.schedule().prefill_tokens == 512  # nothing decoding: whole batches
 
 
+def test_an_interactive_prompt_takes_the_prefill_budget_before_batch_lines() -> None:
+    costs = StepCosts()
+    costs.observe_step(decode_rows=1, prefill_tokens=0, seconds=0.010)
+    costs.observe_step(decode_rows=0, prefill_tokens=500, seconds=0.5)  # 10 prompt tokens a step beside a stream
+    scheduler = make(slots=4, costs=costs)
+    stream = sequence([1, 2, 3], max_new=100)
+    scheduler.add(stream)
+    step(scheduler)
+    batch_lines = [Sequence(SequenceRequest(list(range(200, 300)), SAMPLING, 4, priority=2)) for _ in range(2)]
+    for line in batch_lines:
+        scheduler.add(line)
+    step(scheduler)  # the batch lines were admitted first and are prefilling
+    interactive = sequence(list(range(500, 512)))  # normal priority, 12 tokens
+    scheduler.add(interactive)
+    plan = step(scheduler)
+    chunks = {rows.sequence: len(rows.tokens) for rows in plan.rows if rows.sequence.phase is not Phase.DECODE}
+    assert chunks == {interactive: 10}  # the step's whole prefill budget, though the batch lines came first
+    assert all(line.n_past < 100 for line in batch_lines)
+
+
+def test_one_cold_step_does_not_steer_the_budgets() -> None:
+    costs = StepCosts()
+    costs.observe_step(decode_rows=0, prefill_tokens=10, seconds=5.0)  # the first step after a load: cold
+    for _ in range(2):
+        costs.observe_step(decode_rows=0, prefill_tokens=100, seconds=0.1)  # then 1 ms a token
+    assert costs.prefill_token == 0.001  # the median, not a blend still dominated by the cold step
+
+
 def test_deterministic_mode_prefills_exact_chunks() -> None:
     scheduler = make(slots=2, deterministic=True)
     first, second = sequence(list(range(10, 210))), sequence(list(range(300, 330)))

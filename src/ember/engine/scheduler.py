@@ -505,8 +505,14 @@ class Scheduler:
             budget = min(budget, bound + self._prefill_credit)
         chunk_limit = EXACT_CHUNK if self.deterministic else self.batch_capacity
         chunks: dict[int, int] = {}
-        for sequence in self.running:  # the earliest admitted prompt gets the budget first
-            if sequence.phase is Phase.PREFILL and budget > 0:
+        # The most urgent prompt gets the budget first (an interactive request before a batch line's), then the
+        # earliest admitted.
+        prefilling = sorted(
+            (sequence for sequence in self.running if sequence.phase is Phase.PREFILL),
+            key=lambda sequence: sequence.request.priority,
+        )
+        for sequence in prefilling:
+            if budget > 0:
                 take = min(len(sequence.prompt_tokens) - sequence.n_past, chunk_limit, budget)
                 chunks[sequence.id] = take
                 budget -= take

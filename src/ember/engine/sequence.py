@@ -47,6 +47,7 @@ class SequenceRequest:
     max_new_tokens: int
     grammar: str | None = None
     logprobs: int | None = None  # None: no logprobs; N: the sampled token's logprob and the N most likely
+    priority: int = 1  # the request's queue priority (0 high, 1 normal, 2 low): lower prompts prefill first
 
 
 @dataclass(frozen=True, slots=True)

@@ -225,6 +225,17 @@ def test_an_interactive_prompt_takes_the_prefill_budget_before_batch_lines() -> 
     assert all(line.n_past < 100 for line in batch_lines)
 
 
+def test_beside_batch_lines_alone_prompts_go_in_whole_batches() -> None:
+    costs = StepCosts()
+    costs.observe_step(decode_rows=1, prefill_tokens=0, seconds=0.010)
+    costs.observe_step(decode_rows=0, prefill_tokens=500, seconds=0.5)
+    scheduler = make(slots=3, costs=costs)
+    scheduler.add(Sequence(SequenceRequest([1, 2, 3], SAMPLING, 100, priority=2)))
+    step(scheduler)
+    scheduler.add(Sequence(SequenceRequest(list(range(100, 400)), SAMPLING, 4, priority=2)))
+    assert step(scheduler).prefill_tokens == 300  # no stream anyone watches: no latency bound, the whole prompt
+
+
 def test_one_cold_step_does_not_steer_the_budgets() -> None:
     costs = StepCosts()
     costs.observe_step(decode_rows=0, prefill_tokens=10, seconds=5.0)  # the first step after a load: cold

@@ -20,10 +20,10 @@ Prefill: on the CPU, llama.cpp computes a sequence's rows in one ubatch bit for 
 while they are fewer than 64 (measured with SmolLM2 Q4_1; larger ubatches use another kernel with other
 rounding). By default a prompt is prefilled in whole num_batch chunks, the fastest way; `deterministic` keeps
 each sequence's chunk at EXACT_CHUNK tokens, so a reused or restored prefix gives exactly the text a fresh run
-gives. Either way, while other sequences are generating, a step prefills at most as many tokens as fit in one
-more decode step's time (see `StepCosts.prefill_budget`), so their inter-token latency stays within
-ITL_FACTOR times that of a decode-only step; what earlier steps left unspent (up to ITL_BURST_STEPS budgets)
-lets a short prompt in at once.
+gives. Either way, while streams that someone watches are generating (any but batch lines), a step prefills
+at most as many tokens as fit in one more decode step's time (see `StepCosts.prefill_budget`), so their
+inter-token latency stays within ITL_FACTOR times that of a decode-only step; what earlier steps left unspent
+(up to ITL_BURST_STEPS budgets) lets a short prompt in at once. Prompts take the budget in priority order.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ ITL_FACTOR = 2.0  # a step with prefill may take this many times a decode-only s
 # spent less than theirs: so a short request arriving while streams decode waits one step, not several,
 # while a long prompt still runs at the steady budget (the streams' steps stay within ITL_FACTOR).
 ITL_BURST_STEPS = 4
+LOW_PRIORITY = 2  # a request's priority as the queue numbers it (0 high, 1 normal, 2 low: batch lines)
 # Until copies and prefill are timed here: copying one KV cell is taken to cost a hundredth of prefilling one
 # token (measured with SmolLM2 on 2 CPU cores: about 1/700; larger models prefill slower still per KV byte).
 PRIOR_COPY_RATIO = 0.01
@@ -500,7 +501,10 @@ class Scheduler:
     def _fill_batch(self, plan: StepPlan) -> None:
         decoding = [s for s in self.running if s.phase is Phase.DECODE]
         budget = self.batch_capacity - len(decoding)
-        bound = self.costs.prefill_budget(len(decoding)) if decoding else None
+        # The inter-token latency is kept for streams someone watches: when every generating row is a batch
+        # line (low priority), prompts go in whole batches, which is what a batch's throughput wants.
+        watched = any(s.request.priority < LOW_PRIORITY for s in decoding)
+        bound = self.costs.prefill_budget(len(decoding)) if watched else None
         if bound is not None:
             budget = min(budget, bound + self._prefill_credit)
         chunk_limit = EXACT_CHUNK if self.deterministic else self.batch_capacity

@@ -160,6 +160,8 @@ def run_in_process(pool: ModelPool, line: BatchLine, translate: Translate, setti
                 answers.append(model.loaded.embed(request))
                 continue
             request = apply_defaults(request, model.source)
+            if request.priority is None:  # a batch line, as on the server: low, unless the line says otherwise
+                request = request.model_copy(update={"priority": "low"})
             start = model.loaded.chat_choices if call.kind == "chat" else model.loaded.generate_choices
             answers.extend(collect_choices(start(request, call.choices), call.choices))  # n > 1: one prefill
         output = response_line(line.custom_id, 200, call.body(answers))

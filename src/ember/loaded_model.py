@@ -38,6 +38,7 @@ from ember.types import (
     Message,
     ThinkSpec,
     ToolCall,
+    parse_priority,
     to_messages,
 )
 
@@ -171,7 +172,7 @@ class LoadedModel:
         tokens = self.prompts.fit(tokens, num_ctx=self.options.num_ctx, sampling=sampling, truncate=truncate)
         grammar = request.grammar or grammar_for_format(request.format)
         sequences = self._submit_choices(
-            tokens, sampling, grammar, requested_logprobs(request), choices, _priority(request.priority)
+            tokens, sampling, grammar, requested_logprobs(request), choices, parse_priority(request.priority)
         )
         return [Job(self, "generate", sequence, started, thinking=_thinking_parser(opened)) for sequence in sequences]
 
@@ -201,7 +202,7 @@ class LoadedModel:
         )
         grammar = plan.grammar() or request.grammar or grammar_for_format(request.format)
         sequences = self._submit_choices(
-            prompt.tokens, sampling, grammar, requested_logprobs(request), choices, _priority(request.priority)
+            prompt.tokens, sampling, grammar, requested_logprobs(request), choices, parse_priority(request.priority)
         )
         opened = prompt_opens_thinking(prompt.text) if think else None
         return [
@@ -407,17 +408,6 @@ def disk_cache_for(source: ModelSource, options: LoadOptions, configured: Settin
         return None
     key = cache_key(source.path, source.digest, source.adapters, options.flash_attn)
     return DiskCache(configured.home / "kv" / key, configured.kv_cache_disk)
-
-
-_PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-
-
-def _priority(value: str | int | None) -> int:
-    """The request's priority as the engine orders prompts (0 high, 1 normal, 2 low); the server checked it
-    already (serve/queue.py), and anything else counts as normal."""
-    if isinstance(value, str):
-        return _PRIORITIES.get(value.strip().lower(), 1)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1, 2) else 1
 
 
 def _thinking_parser(opened: bool | None) -> ThinkingParser | None:

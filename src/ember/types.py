@@ -6,6 +6,7 @@ Results can be read as attributes (`response.response`) or as a dict (`response[
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -278,3 +279,26 @@ class EmbedResponse(_Subscriptable):
     total_duration: int = 0
     load_duration: int = 0
     prompt_eval_count: int = 0
+
+
+class Priority(enum.IntEnum):
+    """Lower values are served first."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+def parse_priority(value: str | int | None) -> Priority:
+    """Read a priority as an API request gives it: a name in any case, 0/1/2, or nothing (NORMAL)."""
+    if value is None:
+        return Priority.NORMAL
+    if isinstance(value, str):
+        try:
+            return Priority[value.strip().upper()]
+        except KeyError:
+            pass
+    # bool is an int subclass: True must not quietly mean NORMAL.
+    elif isinstance(value, int) and not isinstance(value, bool) and value in Priority._value2member_map_:
+        return Priority(value)
+    raise InvalidRequestError(f"invalid priority {value!r}: use 'high', 'normal' or 'low' (or 0, 1, 2)")

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ember.errors import EmberError, InvalidRequestError, RequestTimeoutError, ServerBusyError
-from ember.serve.queue import Priority, RequestQueue, Ticket, parse_priority
+from ember.serve.queue import RequestQueue, Ticket
+from ember.types import Priority, parse_priority
 
 H, N, L = Priority.HIGH, Priority.NORMAL, Priority.LOW
 

@@ -236,8 +236,6 @@ async def show(request: Request) -> dict[str, Any]:
         return await asyncio.to_thread(_show_upstream, source)
     info = await asyncio.to_thread(read_gguf, source.path)
     capabilities = await asyncio.to_thread(model_capabilities, source)
-    from ember.store.modelfile import render_modelfile
-
     parameters = "\n".join(
         f"{key} {json.dumps(item) if isinstance(item, str) else item}"
         for key, value in source.parameters.items()
@@ -245,39 +243,19 @@ async def show(request: Request) -> dict[str, Any]:
     )
     model_info = {key: value for key, value in info.metadata.items() if not key.startswith("tokenizer.chat")}
     model_info["general.parameter_count"] = info.parameter_count
-    return {
-        "license": source.license or "",
-        "modelfile": render_modelfile(
-            from_=str(source.path),
-            parameters=dict(source.parameters),
-            template=source.template,
-            system=source.system,
-            messages=[dict(m) for m in source.messages],
-            license=[source.license] if source.license else [],
-            adapters=[str(path) for path in source.adapters],
-        ),
-        "parameters": parameters,
-        "template": source.template or info.chat_template or "",
-        "system": source.system or "",
-        "details": model_details(info),
-        "model_info": model_info,
-        "messages": [dict(m) for m in source.messages],
-        "ember": {
-            "name": source.name,
-            "digest": source.digest,
-            "parameters": dict(source.parameters),
-            "adapters": [str(path) for path in source.adapters],
-            "engine": source.engine,
-        },
-        "capabilities": capabilities.names(),
-        "modified_at": _rfc3339(await asyncio.to_thread(_modified, source)),
-    }
+    return _shown(
+        source,
+        parameters=parameters,
+        template=info.chat_template,
+        details=model_details(info),
+        model_info=model_info,
+        capabilities=capabilities.names(),
+        modified=await asyncio.to_thread(_modified, source),
+    )
 
 
 def _show_directory(source: ModelSource) -> dict[str, Any]:
     """/api/show of a transformers model directory: its config as model_info, its own chat template."""
-    from ember.store.modelfile import render_modelfile
-
     directory = read_model_directory(source.path)
     model_info: dict[str, Any] = {f"config.{key}": value for key, value in directory.config.items()}
     arch, config = directory.architecture, directory.config
@@ -290,6 +268,42 @@ def _show_directory(source: ModelSource) -> dict[str, Any]:
             f"{arch}.block_count": config.get("num_hidden_layers"),
         }
     )
+    return _shown(
+        source,
+        parameters="\n".join(f"{key} {value}" for key, value in source.parameters.items()),
+        template=directory.chat_template,
+        details=directory_details(directory),
+        model_info=model_info,
+        capabilities=model_capabilities(source).names(),
+        modified=_modified(source),
+        files=list(directory.files),
+    )
+
+
+def _shown(
+    source: ModelSource,
+    *,
+    parameters: str,
+    template: str | None,
+    details: dict[str, Any],
+    model_info: dict[str, Any],
+    capabilities: list[str],
+    modified: float,
+    files: list[str] | None = None,
+) -> dict[str, Any]:
+    """/api/show's answer for a local model, from what its engine reads of it (GGUF header, model directory)."""
+    from ember.store.modelfile import render_modelfile
+
+    adapters = [str(path) for path in source.adapters]
+    ember_facts: dict[str, Any] = {
+        "name": source.name,
+        "digest": source.digest,
+        "parameters": dict(source.parameters),
+        "adapters": adapters,
+        "engine": source.engine,
+    }
+    if files is not None:
+        ember_facts["files"] = files
     return {
         "license": source.license or "",
         "modelfile": render_modelfile(
@@ -299,24 +313,17 @@ def _show_directory(source: ModelSource) -> dict[str, Any]:
             system=source.system,
             messages=[dict(m) for m in source.messages],
             license=[source.license] if source.license else [],
-            adapters=[],
+            adapters=adapters,
         ),
-        "parameters": "\n".join(f"{key} {value}" for key, value in source.parameters.items()),
-        "template": source.template or directory.chat_template or "",
+        "parameters": parameters,
+        "template": source.template or template or "",
         "system": source.system or "",
-        "details": directory_details(directory),
+        "details": details,
         "model_info": model_info,
         "messages": [dict(m) for m in source.messages],
-        "ember": {
-            "name": source.name,
-            "digest": source.digest,
-            "parameters": dict(source.parameters),
-            "adapters": [],
-            "engine": source.engine,
-            "files": list(directory.files),
-        },
-        "capabilities": model_capabilities(source).names(),
-        "modified_at": _rfc3339(_modified(source)),
+        "ember": ember_facts,
+        "capabilities": capabilities,
+        "modified_at": _rfc3339(modified),
     }
 
 

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ember.engine.sequence import CacheSource, DoneReason, Phase, Sequence
+from ember.types import Priority
 
 EXACT_CHUNK = 48  # prompt tokens per sequence per step in deterministic mode: below llama.cpp's 64-row switch
 ITL_FACTOR = 2.0  # a step with prefill may take this many times a decode-only step (the issue's target)
@@ -42,7 +43,6 @@ ITL_FACTOR = 2.0  # a step with prefill may take this many times a decode-only s
 # spent less than theirs: so a short request arriving while streams decode waits one step, not several,
 # while a long prompt still runs at the steady budget (the streams' steps stay within ITL_FACTOR).
 ITL_BURST_STEPS = 4
-LOW_PRIORITY = 2  # a request's priority as the queue numbers it (0 high, 1 normal, 2 low: batch lines)
 # Until copies and prefill are timed here: copying one KV cell is taken to cost a hundredth of prefilling one
 # token (measured with SmolLM2 on 2 CPU cores: about 1/700; larger models prefill slower still per KV byte).
 PRIOR_COPY_RATIO = 0.01
@@ -503,7 +503,7 @@ class Scheduler:
         budget = self.batch_capacity - len(decoding)
         # The inter-token latency is kept for streams someone watches: when every generating row is a batch
         # line (low priority), prompts go in whole batches, which is what a batch's throughput wants.
-        watched = any(s.request.priority < LOW_PRIORITY for s in decoding)
+        watched = any(s.request.priority < Priority.LOW for s in decoding)
         bound = self.costs.prefill_budget(len(decoding)) if watched else None
         if bound is not None:
             budget = min(budget, bound + self._prefill_credit)

@@ -10,9 +10,6 @@ RunnerProcess, started with this module. A crash in torch takes down only this p
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import sys
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -23,18 +20,14 @@ from ember.engine_transformers.support import check_request
 from ember.errors import InvalidRequestError
 from ember.options import LOAD_OPTION_NAMES, LoadOptions, sampling_options
 from ember.runner.client import RunnerProcess
-from ember.runner.process import FLUSH_INTERVAL, STATS_INTERVAL, resident_bytes
+from ember.runner.host import RunnerLoop, host_runner, resident_bytes
 from ember.runner.protocol import (
     Cancel,
     Done,
-    Event,
     Failed,
-    LoadFailed,
-    Ready,
     RunnerStats,
     Shutdown,
     Start,
-    Steps,
     Text,
     error_to_tuple,
 )
@@ -158,16 +151,11 @@ class Answering:
         self.hf.close()
 
 
-class _Loop:
+class _Loop(RunnerLoop):
     def __init__(self, connection: Connection, answering: Answering) -> None:
-        self.connection = connection
+        super().__init__(connection)
         self.answering = answering
-        self.events: list[Event] = []
-        self.urgent = False
-        self.last_flush = self.last_stats = 0.0
         self.open: dict[str, int] = {}  # request id -> choices not done yet
-        self.running = True
-        self.stats_sent: RunnerStats | None = None
 
     def handle(self, message: Start | Cancel | Shutdown) -> None:
         if isinstance(message, Start):
@@ -226,28 +214,9 @@ class _Loop:
                 del self.open[job.request_id]
                 self.answering.finished(job.request_id)
 
-    def flush(self, *, force: bool = False) -> None:
-        if not self.events:
-            return
-        now = time.monotonic()
-        if not force and not self.urgent and now - self.last_flush < FLUSH_INTERVAL:
-            return
-        events, self.events = self.events, []
-        self.urgent, self.last_flush = False, now
-        self.connection.send(Steps(events))
-
-    def report_stats(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_stats < STATS_INTERVAL:
-            return
-        self.last_stats = now
+    def current_stats(self) -> RunnerStats:
         options = self.answering.hf.options
-        stats = RunnerStats(
-            self.answering.batcher.kv_tokens(), options.num_ctx * options.num_parallel, resident_bytes()
-        )
-        if stats != self.stats_sent:
-            self.stats_sent = stats
-            self.connection.send(stats)
+        return RunnerStats(self.answering.batcher.kv_tokens(), options.num_ctx * options.num_parallel, resident_bytes())
 
     def loop(self) -> None:
         batcher = self.answering.batcher
@@ -274,42 +243,20 @@ class _Loop:
             self.report_stats(force=not busy)
 
 
-def runner_main(connection: Connection, source: ModelSource, options: LoadOptions, log_level: int) -> None:
-    logging.basicConfig(level=log_level, format=f"ember runner {os.getpid()}: %(levelname)s: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        answering = Answering(source, options)
-    except BaseException as error:
-        connection.send(LoadFailed(error_to_tuple(error)))
-        connection.close()
-        return
-    facts = {
-        "pid": os.getpid(),
-        "load_duration": answering.hf.load_duration_ns,
-        "gpu_layers": 0
-        if answering.hf.device.type == "cpu"
-        else int(answering.hf.directory.config.get("num_hidden_layers") or 0),
-        "num_parallel": options.num_parallel,
+def _facts(answering: Answering) -> dict[str, Any]:
+    hf = answering.hf
+    layers = 0 if hf.device.type == "cpu" else int(hf.directory.config.get("num_hidden_layers") or 0)
+    return {
+        "load_duration": hf.load_duration_ns,
+        "gpu_layers": layers,
         "engine": "transformers",
-        "device": str(answering.hf.device),
+        "device": str(hf.device),
     }
-    connection.send(Ready(facts))
-    try:
-        _Loop(connection, answering).loop()
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass
-    finally:
-        answering.close()
-        connection.close()
 
 
 def main() -> None:
-    connection = Connection(int(sys.argv[1]))
-    try:
-        _, source, options, log_level = connection.recv()
-    except (EOFError, OSError):
-        return
-    runner_main(connection, source, options, log_level)
+    """`python -m ember.engine_transformers.runner FD` (runner/host.py)."""
+    host_runner(Answering, _facts, lambda connection, answering: _Loop(connection, answering).loop(), Answering.close)
 
 
 if __name__ == "__main__":

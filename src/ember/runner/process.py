@@ -10,10 +10,6 @@ so the cost of the pipe is paid once per step, not once per token per request.
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import sys
-import time
 from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
@@ -22,60 +18,34 @@ from ember.embeddings import EmbedJob
 from ember.engine.sequence import Phase, Sequence, SequenceUpdate
 from ember.loaded_model import Job, LoadedModel
 from ember.logprobs import logprob_entries
-from ember.options import LoadOptions
+from ember.runner.host import RunnerLoop, host_runner, resident_bytes
 from ember.runner.protocol import (
     Cancel,
     Done,
     Embedded,
-    Event,
     Failed,
-    LoadFailed,
     Prefill,
-    Ready,
     RunnerStats,
     Shutdown,
     Start,
-    Steps,
     Text,
     ToolCalls,
     error_to_tuple,
 )
-from ember.store.resolve import ModelSource
 from ember.types import ChatRequest, EmbedRequest, GenerateRequest
 
 log = logging.getLogger(__name__)
-FLUSH_INTERVAL = 0.025  # seconds plain text may wait to travel with later text (see _Runner.flush)
-STATS_INTERVAL = 1.0  # seconds between the runner's reports of its KV cells and memory (for /metrics)
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux's /proc; elsewhere the peak, which is what the OS tells)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-class _Runner:
+class _Runner(RunnerLoop):
     def __init__(self, connection: Connection, model: LoadedModel) -> None:
-        self.connection = connection
+        super().__init__(connection)
         self.model = model
         self.jobs: dict[int, tuple[str, int, Job]] = {}  # sequence id -> (request id, choice index, job)
         self.by_request: dict[str, list[Sequence]] = {}
-        self.events: list[Event] = []
-        self.urgent = False  # an event the server should see now: a first token, an end, an error
-        self.last_flush = 0.0
         self.started: set[int] = set()  # sequences whose first text was sent
-        self.running = True
         self.embeds: deque[tuple[str, EmbedJob]] = deque()  # embedding requests, one input per loop turn
         self.prefill_watch: dict[str, int] = {}  # request id -> prompt tokens last reported (report_prefill)
-        self.last_stats = 0.0
-        self.stats_sent: RunnerStats | None = None
 
     def handle(self, message: Start | Cancel | Shutdown) -> None:
         if isinstance(message, Start):
@@ -178,36 +148,14 @@ class _Runner:
                 self.prefill_watch[request_id] = sequence.n_past
                 self.events.append(Prefill(request_id, sequence.n_past, len(sequence.prompt_tokens)))
 
-    def flush(self, *, force: bool = False) -> None:
-        """Send what the steps produced. Plain text waits up to FLUSH_INTERVAL to travel with the next steps'
-        text: each message wakes the server (and its client), and on a small machine every wake-up can delay
-        llama.cpp's worker threads. A first token, an end or an error goes at once."""
-        if not self.events:
-            return
-        now = time.monotonic()
-        if not force and not self.urgent and now - self.last_flush < FLUSH_INTERVAL:
-            return
-        events, self.events = self.events, []
-        self.urgent = False
-        self.last_flush = now
-        self.connection.send(Steps(events))
-
-    def report_stats(self, *, force: bool = False) -> None:
-        """Send the numbers /metrics shows, at most once per STATS_INTERVAL (and once more on going idle)."""
-        now = time.monotonic()
-        if not force and now - self.last_stats < STATS_INTERVAL:
-            return
-        self.last_stats = now
+    def current_stats(self) -> RunnerStats:
         engine = self.model.engine
         slots = engine.scheduler.slots
-        stats = RunnerStats(
+        return RunnerStats(
             kv_cells_used=sum(len(slot.content()) for slot in slots),
             kv_cells_total=engine.num_ctx * len(slots),
             rss_bytes=resident_bytes(),
         )
-        if stats != self.stats_sent:
-            self.stats_sent = stats
-            self.connection.send(stats)
 
     def loop(self) -> None:
         engine = self.model.engine
@@ -231,45 +179,14 @@ class _Runner:
             self.report_stats(force=not busy)
 
 
-def runner_main(connection: Connection, source: ModelSource, options: LoadOptions, log_level: int) -> None:
-    """Load the model and serve requests from the pipe until shut down or the server goes away."""
-    logging.basicConfig(level=log_level, format=f"ember runner {os.getpid()}: %(levelname)s: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it shuts runners down
-    try:
-        model = LoadedModel(source, options)
-    except BaseException as error:
-        connection.send(LoadFailed(error_to_tuple(error)))
-        connection.close()
-        return
-    facts = {
-        "pid": os.getpid(),
-        "load_duration": model.load_duration_ns,
-        "gpu_layers": model.model.gpu_layers,
-        "num_parallel": options.num_parallel,
-    }
-    connection.send(Ready(facts))
-    runner = _Runner(connection, model)
-    try:
-        runner.loop()
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the server went away
-    finally:
-        model.close()
-        connection.close()
-
-
 def main() -> None:
-    """`python -m ember.runner.process FD`: the server passes one end of a socket pair as FD.
-
-    A fresh interpreter (not multiprocessing's spawn) so that nothing of the server's own main module is
-    imported again here: a user's script that starts a server needs no `if __name__ == "__main__"` guard.
-    """
-    connection = Connection(int(sys.argv[1]))
-    try:
-        _, source, options, log_level = connection.recv()
-    except (EOFError, OSError):
-        return
-    runner_main(connection, source, options, log_level)
+    """`python -m ember.runner.process FD` (runner/host.py)."""
+    host_runner(
+        LoadedModel,
+        lambda model: {"load_duration": model.load_duration_ns, "gpu_layers": model.model.gpu_layers},
+        lambda connection, model: _Runner(connection, model).loop(),
+        LoadedModel.close,
+    )
 
 
 if __name__ == "__main__":

@@ -260,11 +260,7 @@ class ModelManager:
         failure: BaseException | None = None
         try:
             try:
-                # The priority travels with the request: the engine prefills urgent prompts first.
-                native = candidate.request
-                if "priority" in type(native).model_fields:
-                    native = native.model_copy(update={"priority": int(candidate.priority)})
-                async for chunk in self.deadlines.timed(start(entry.runner, native), started):
+                async for chunk in self.deadlines.timed(start(entry.runner, candidate.request), started):
                     observation.chunk(chunk)
                     answer = chunk[1] if isinstance(chunk, tuple) else chunk  # (choice index, chunk)
                     if getattr(answer, "done", False):

@@ -17,7 +17,6 @@ with `loop.call_soon_threadsafe(queue.release, ticket)`.
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import math
 import time
@@ -26,30 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from ember.errors import InvalidRequestError, RequestTimeoutError, ServerBusyError
-
-
-class Priority(enum.IntEnum):
-    """Lower values are served first."""
-
-    HIGH = 0
-    NORMAL = 1
-    LOW = 2
-
-
-def parse_priority(value: str | int | None) -> Priority:
-    """Read a priority as an API request gives it: a name in any case, 0/1/2, or nothing (NORMAL)."""
-    if value is None:
-        return Priority.NORMAL
-    if isinstance(value, str):
-        try:
-            return Priority[value.strip().upper()]
-        except KeyError:
-            pass
-    # bool is an int subclass: True must not quietly mean NORMAL.
-    elif isinstance(value, int) and not isinstance(value, bool) and value in Priority._value2member_map_:
-        return Priority(value)
-    raise InvalidRequestError(f"invalid priority {value!r}: use 'high', 'normal' or 'low' (or 0, 1, 2)")
+from ember.errors import RequestTimeoutError, ServerBusyError
+from ember.types import Priority
 
 
 class Ticket:

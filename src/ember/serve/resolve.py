@@ -20,9 +20,8 @@ from typing import Any, Generic, TypeVar
 from ember import capabilities
 from ember.errors import InvalidRequestError
 from ember.options import LoadOptions, SamplingOptions, resolve_options
-from ember.serve.queue import Priority, parse_priority
 from ember.store.resolve import TRANSFORMERS, ModelSource
-from ember.types import ChatRequest, EmbedRequest, GenerateRequest
+from ember.types import ChatRequest, EmbedRequest, GenerateRequest, Priority, parse_priority
 
 NativeRequest = GenerateRequest | ChatRequest | EmbedRequest
 RequestT = TypeVar("RequestT", GenerateRequest, ChatRequest, EmbedRequest)
@@ -104,7 +103,10 @@ def resolve_request(
 
         check_request(request, sampling)
     level = parse_priority(priority if priority is not None else request.priority)
-    return Resolved(apply_defaults(request, source), source.name, source, load, sampling, keep_alive, level)
+    native = apply_defaults(request, source)
+    if not isinstance(native, EmbedRequest):  # it travels with the request: the engine prefills urgent prompts first
+        native = native.model_copy(update={"priority": int(level)})
+    return Resolved(native, source.name, source, load, sampling, keep_alive, level)
 
 
 def apply_defaults(request: RequestT, source: ModelSource) -> RequestT:

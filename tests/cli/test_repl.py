@@ -164,8 +164,10 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(chat: Chat) -> None:
     started = time.monotonic()
     chat.child.sendintr()
     chat.prompt()
-    assert time.monotonic() - started < 5
-    assert "2 messages" in chat.ask("/context")  # the partial answer is kept
+    assert time.monotonic() - started < 30  # 2,000 tokens take far longer, even on a loaded machine
+    meter = chat.ask("/context")
+    assert "2 messages" in meter  # the partial answer is kept
+    assert _tokens_used(meter) < 1000  # and it was cut short: the answer could have run to 2,000 tokens
     chat.ask("/set parameter num_predict 24")
     assert "Paris" in chat.ask("Which city is the capital of France? Answer in one word.")
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import llama_cpp as lib
 
+from ember.engine.llamacpp import extra_buffer_types_are_safe
 from ember.serve.manager import ModelManager
 from ember.store.resolve import resolve_model
 from ember.types import GenerateRequest
@@ -39,7 +40,9 @@ class RawBatchedLoop:
 
     def __init__(self, path: str, num_ctx: int, sequences: int, threads: int) -> None:
         lib.llama_backend_init()
-        self.model = lib.llama_model_load_from_file(path.encode(), lib.llama_model_default_params())
+        params = lib.llama_model_default_params()
+        params.use_extra_bufts = extra_buffer_types_are_safe()  # as ember loads it
+        self.model = lib.llama_model_load_from_file(path.encode(), params)
         self.vocab = lib.llama_model_get_vocab(self.model)
         params = lib.llama_context_default_params()
         params.n_ctx = num_ctx * sequences

@@ -116,6 +116,23 @@ def test_serve_mode_with_no_server_is_one_clear_error(capsys: pytest.CaptureFixt
     assert status == 1 and err.startswith("Error: --serve takes a URL")
 
 
+# llama_cpp.server, started with the weights' extra buffer types as ember chooses them (off on an AMX CPU, where
+# the vendored llama.cpp's AMX kernels crash; see `extra_buffer_types_are_safe`).
+LLAMA_CPP_SERVER = """
+import runpy, sys
+import llama_cpp
+from ember.engine.llamacpp import extra_buffer_types_are_safe
+default_params = llama_cpp.llama_model_default_params
+def model_params():
+    params = default_params()
+    params.use_extra_bufts = extra_buffer_types_are_safe()
+    return params
+llama_cpp.llama_model_default_params = model_params
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
+
+
 @pytest.fixture(scope="module")
 def llama_cpp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """llama-cpp-python's own OpenAI-compatible server: a server that is not ember."""
@@ -124,8 +141,8 @@ def llama_cpp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "llama_cpp.server",
+            "-c",
+            LLAMA_CPP_SERVER,
             "--model",
             str(DEFAULT_MODEL.locate()),
             "--port",

@@ -158,6 +158,21 @@ def supports_gpu_offload() -> bool:
 
 
 @cache
+def extra_buffer_types_are_safe() -> bool:
+    """Whether to let llama.cpp repack weights into its CPU "extra" buffer types (AMX, the repacked kernels).
+
+    Not on a CPU with AMX: the AMX kernels of the llama.cpp that llama-cpp-python 0.3.36 vendors crash
+    (SIGSEGV in llama_decode of the first multi-token batch) with a Q4_1 model, SmolLM2 included; llama-cpp-
+    python's own `Llama` crashes the same way. Elsewhere they stay on (faster kernels for Q4_0, Q4_K, IQ4_NL).
+    """
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return "amx_tile" not in flags.split()
+
+
+@cache
 def physical_cores() -> int:
     """Physical cores this process may use: llama.cpp runs slower on hyper-threads than without them."""
     try:
@@ -197,6 +212,7 @@ class LlamaModel:
         params.main_gpu = options.main_gpu
         params.use_mmap = True if options.use_mmap is None else options.use_mmap
         params.use_mlock = options.use_mlock
+        params.use_extra_bufts = extra_buffer_types_are_safe()
         self.path = path
         self.gpu_layers = params.n_gpu_layers
         forget_llama_errors()

@@ -37,6 +37,8 @@ from typing import Any
 import httpx
 import openai
 
+from ember.engine.llamacpp import extra_buffer_types_are_safe
+
 FACTS = [
     "the Nile flows north into the Mediterranean Sea",
     "honey found in ancient tombs was still edible",
@@ -85,6 +87,7 @@ def servers(llama_server: str, model_path: str, threads: int, parallel: int, num
             llama_server,
             *("-m", model_path, "-np", str(parallel), "-c", str(num_ctx * parallel), "-t", str(threads)),
             *("--host", "127.0.0.1", "--port", str(llama_port)),
+            *(() if extra_buffer_types_are_safe() else ("--no-repack",)),  # AMX: as ember loads the weights
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

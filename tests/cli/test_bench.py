@@ -120,14 +120,14 @@ def test_serve_mode_with_no_server_is_one_clear_error(capsys: pytest.CaptureFixt
 # the vendored llama.cpp's AMX kernels crash; see `extra_buffer_types_are_safe`).
 LLAMA_CPP_SERVER = """
 import runpy, sys
-import llama_cpp
+import llama_cpp.llama_cpp as bindings  # what llama_cpp.Llama calls
 from ember.engine.llamacpp import extra_buffer_types_are_safe
-default_params = llama_cpp.llama_model_default_params
+default_params = bindings.llama_model_default_params
 def model_params():
     params = default_params()
     params.use_extra_bufts = extra_buffer_types_are_safe()
     return params
-llama_cpp.llama_model_default_params = model_params
+bindings.llama_model_default_params = model_params
 sys.argv[0] = "llama_cpp.server"
 runpy.run_module("llama_cpp.server", run_name="__main__")
 """

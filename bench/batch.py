@@ -27,7 +27,7 @@ from ember.config import Settings
 from ember.jobs.batch_input import PromptDefaults, read_inputs
 from ember.jobs.batch_journal import Journal
 from ember.jobs.batch_lines import run_on_manager
-from ember.jobs.batch_run import LocalExecutor, run_lines
+from ember.jobs.batch_run import ManagerExecutor, run_lines
 from ember.serve.manager import ModelManager
 from ember.types import ChatRequest
 from serving import one_stream, prompt_for  # bench/serving.py: Python puts this script's folder on the path
@@ -42,7 +42,7 @@ def batch_lines(count: int, tokens: int, run: int, folder: Path) -> list[Any]:
     return read_inputs([str(path)], PromptDefaults(model="smollm2", options=options), per_line=True)
 
 
-def batch_rate(executor: LocalExecutor, lines: list[Any], folder: Path, run: int) -> float:
+def batch_rate(executor: ManagerExecutor, lines: list[Any], folder: Path, run: int) -> float:
     """Generated tokens per second of one `ember batch` run (model already loaded), journal included."""
     journal = Journal(folder / f"run-{run}.journal", lines)
 
@@ -67,7 +67,7 @@ def throughput(prompts: int, tokens: int, runs: int) -> dict[str, Any]:
     samples = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        executor = LocalExecutor(native_call, settings, {"num_ctx": NUM_CTX, "num_parallel": 8})
+        executor = ManagerExecutor(native_call, settings, {"num_ctx": NUM_CTX, "num_parallel": 8}, 8)
         loop = asyncio.new_event_loop()
         manager = ModelManager(keep_alive=-1)
         try:

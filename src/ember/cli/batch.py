@@ -186,7 +186,7 @@ def _executor(
     settings: Any,
 ) -> tuple[Any, int]:
     from ember.api.openai_calls import native_call
-    from ember.jobs.batch_run import LocalExecutor, ServerExecutor
+    from ember.jobs.batch_run import ManagerExecutor, ServerExecutor
 
     if server:
         keys = [key.strip() for key in settings.api_keys.split(",") if key.strip()]
@@ -197,7 +197,7 @@ def _executor(
 
         executor = RayExecutor(ray_address, native_call, load, actors=ray_actors, ship=ray_ship)
         return executor, executor.concurrency
-    return LocalExecutor(native_call, settings, load), slots
+    return ManagerExecutor(native_call, settings, load, slots), slots
 
 
 def run_lines_interruptibly(pending: list[Any], executor: Any, concurrency: int, on_result: Any) -> None:

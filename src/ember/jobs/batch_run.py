@@ -1,14 +1,16 @@
 """`ember batch`'s engine room: run the pending lines with enough in flight to fill every slot, journal each
 result as it lands, and write the outputs in input order.
 
-Where a line runs is an `Execute` function (line -> LineResult): a model in this process (`LocalExecutor`), a
-running server's HTTP API (`ServerExecutor`) or actors on a Ray cluster (`ember.jobs.batch_ray`). The driver is
-the same for all three: `concurrency` worker threads, each taking the next line in input order, so a model's
-slots stay full (continuous batching) and a slow line never holds up the others.
+Where a line runs is an `Execute` function (line -> LineResult): a model manager of this process, with its
+runner processes (`ManagerExecutor`), a running server's HTTP API (`ServerExecutor`) or actors on a Ray cluster
+(`ember.jobs.batch_ray`). The driver is the same for all three: `concurrency` worker threads, each taking the
+next line in input order, so a model's slots stay full (continuous batching) and a slow line never holds up
+the others.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tempfile
@@ -22,7 +24,12 @@ from typing import Any
 from ember.errors import EmberError
 from ember.jobs.batch_input import BatchLine
 from ember.jobs.batch_journal import Journal
-from ember.jobs.batch_lines import LineResult, ModelPool, Translate, response_line, run_in_process
+from ember.jobs.batch_lines import (
+    LineResult,
+    Translate,
+    response_line,
+    run_on_manager,
+)
 
 Execute = Callable[[BatchLine], LineResult]
 
@@ -62,18 +69,43 @@ def run_lines(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class LocalExecutor:
-    """Lines on models loaded in this process (`ember batch` without --server)."""
+class ManagerExecutor:
+    """Lines on a model manager of this process (`ember batch` without --server): the models load in runner
+    processes whose step loops have llama.cpp's threads to themselves, as in `ember serve`. (Stepping the
+    engine from the line threads instead made every decode about a third slower: eight Python threads shared
+    the cores with llama.cpp's.) Every slot takes batch lines; the batch's load options are the defaults of
+    each request, so a line that names others loads the model again with them, as on a server."""
 
-    def __init__(self, translate: Translate, settings: Any, load: dict[str, Any]) -> None:
+    def __init__(self, translate: Translate, settings: Any, load: dict[str, Any], slots: int) -> None:
+        from ember.serve.manager import ModelManager
+
         self.translate, self.settings = translate, settings
-        self.pool = ModelPool(load)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ember-batch-loop", daemon=True)
+        self._thread.start()
+
+        async def start() -> ModelManager:  # made on its loop: the manager's futures and tasks belong there
+            return ModelManager(default_options=load, keep_alive=-1, batch_slots=max(1, slots))
+
+        self.manager = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
 
     def __call__(self, line: BatchLine) -> LineResult:
-        return run_in_process(self.pool, line, self.translate, self.settings)
+        from ember.errors import ServerBusyError
+
+        while True:
+            running = run_on_manager(self.manager, line, self.translate, self.settings, timeout=None)
+            try:
+                return asyncio.run_coroutine_threadsafe(running, self._loop).result()
+            except ServerBusyError as busy:  # more lines than the queue holds: wait as a client of a server would
+                time.sleep(max(0.1, float(busy.retry_after or 1)))
 
     def close(self) -> None:
-        self.pool.close()
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.manager.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
 
 class ServerExecutor:

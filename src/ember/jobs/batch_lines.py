@@ -15,12 +15,11 @@ A request the model refused (a bad body, a prompt too long) has its HTTP status 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ember.collect import collect_choices, collect_choices_async
 from ember.errors import EmberError
@@ -118,30 +117,10 @@ class LineResult:
 # --- in this process ---------------------------------------------------------------------------------------
 
 
-class ModelPool:
-    """The models lines name, each loaded once in this process with the batch's load options; thread-safe.
+class ModelPool(Protocol):
+    """Where `run_in_process` finds a line's model by name, loaded once (a Ray actor holds one)."""
 
-    Each model gets `num_parallel` slots, so the threads that run lines share its engine's batches.
-    """
-
-    def __init__(self, load: dict[str, Any] | None = None) -> None:
-        self.load = dict(load or {})
-        self._models: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> Any:
-        from ember.model import Model
-
-        with self._lock:
-            if name not in self._models:
-                self._models[name] = Model(name, **self.load)
-            return self._models[name]
-
-    def close(self) -> None:
-        with self._lock:
-            for model in self._models.values():
-                model.close()
-            self._models.clear()
+    def get(self, name: str) -> Any: ...
 
 
 def run_in_process(pool: ModelPool, line: BatchLine, translate: Translate, settings: Any) -> LineResult:

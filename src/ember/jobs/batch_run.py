@@ -97,7 +97,7 @@ class ManagerExecutor:
             try:
                 return asyncio.run_coroutine_threadsafe(running, self._loop).result()
             except ServerBusyError as busy:  # more lines than the queue holds: wait as a client of a server would
-                time.sleep(max(0.1, float(busy.retry_after or 1)))
+                time.sleep(busy.retry_after)
 
     def close(self) -> None:
         if self._loop.is_closed():

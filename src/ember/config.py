@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import platformdirs
@@ -12,6 +13,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 def _default_home() -> Path:
     legacy = Path.home() / ".ember"
     return legacy if legacy.exists() else Path(platformdirs.user_data_dir("ember", appauthor=False))
+
+
+def ember_home() -> Path:
+    """EMBER_HOME as `Settings().home` reads it (the name in any case), without building every setting: the model
+    store looks it up on each request, and a whole Settings costs a millisecond of the server's event loop."""
+    value = os.environ.get("EMBER_HOME")
+    if value is None:
+        value = next((value for name, value in os.environ.items() if name.upper() == "EMBER_HOME"), None)
+    return Path(value) if value is not None else _default_home()
 
 
 class Settings(BaseSettings):

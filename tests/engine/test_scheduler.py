@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -238,10 +239,31 @@ def test_beside_batch_lines_alone_prompts_go_in_whole_batches() -> None:
 
 def test_one_cold_step_does_not_steer_the_budgets() -> None:
     costs = StepCosts()
-    costs.observe_step(decode_rows=0, prefill_tokens=10, seconds=5.0)  # the first step after a load: cold
+    costs.observe_step(decode_rows=0, prefill_tokens=100, seconds=5.0)  # the first step after a load: cold
     for _ in range(2):
         costs.observe_step(decode_rows=0, prefill_tokens=100, seconds=0.1)  # then 1 ms a token
     assert costs.prefill_token == 0.001  # the median, not a blend still dominated by the cold step
+
+
+def test_noisy_small_chunks_beside_streams_cannot_shrink_the_budget_to_nothing() -> None:
+    # One-token chunks whose steps ran long (the machine was busy): taken alone they say a prompt token costs
+    # 15 ms, which would give a budget of one token, whose steps are as noisy: the budget would never recover.
+    costs = StepCosts()
+    costs.observe_step(decode_rows=2, prefill_tokens=0, seconds=0.010)
+    costs.observe_step(decode_rows=0, prefill_tokens=500, seconds=0.5)  # 1 ms a token in a whole batch
+    for _ in range(StepCosts.WINDOW):
+        costs.observe_step(decode_rows=2, prefill_tokens=1, seconds=0.025)
+    assert costs.prefill_token == 0.001
+    assert costs.prefill_budget(2) == 10
+    # Beside streams a token can cost less than in a whole batch: what those steps say is used, noise and all.
+    for _ in range(StepCosts.WINDOW):
+        costs.observe_step(decode_rows=2, prefill_tokens=20, seconds=0.015)
+    assert costs.prefill_token == pytest.approx(0.00025)
+    assert costs.prefill_budget(2) in (39, 40)  # 10 ms / 0.25 ms, give or take a float's rounding
+    # Steps timed faster than decode-only ones do not make the budget unbounded.
+    for _ in range(StepCosts.WINDOW):
+        costs.observe_step(decode_rows=2, prefill_tokens=20, seconds=0.009)
+    assert costs.prefill_token == pytest.approx(0.0001)
 
 
 def test_deterministic_mode_prefills_exact_chunks() -> None:

@@ -46,6 +46,10 @@ ITL_BURST_STEPS = 4
 # Until copies and prefill are timed here: copying one KV cell is taken to cost a hundredth of prefilling one
 # token (measured with SmolLM2 on 2 CPU cores: about 1/700; larger models prefill slower still per KV byte).
 PRIOR_COPY_RATIO = 0.01
+# A prompt token beside generating rows is taken to cost at least this share of one in a prefill-only step (so
+# that a run of steps timed faster than usual cannot make the budget unbounded).
+MIN_MARGINAL_SHARE = 0.1
+MIN_TIMED_PREFILL = 16  # prompt tokens a prefill-only step needs for its time per token to count
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,23 +106,37 @@ class StepPlan:
 
 
 class StepCosts:
-    """How long steps take here, learned from the steps the executor timed: the median of the last WINDOW
-    observations of each kind, so that one odd step (the first after a load, a moment when the machine was busy)
-    does not steer the budgets for long.
+    """How long steps take here, learned from the steps the executor timed, over the last WINDOW observations of
+    each kind, so that one odd step (the first after a load, a moment when the machine was busy) does not steer
+    the budgets for long.
 
-    A step costs about the decode-only time of its generating rows plus a marginal time per prefill token.
+    A step costs about the decode-only time of its generating rows plus a marginal time per prefill token. That
+    marginal time is learned two ways: from prefill-only steps (seconds per token, their median), and from steps
+    that prefill beside generating rows (their time over the decode-only step's, summed, over the tokens they
+    prefilled). The second is the one the budget needs but is noisy when the chunks are small, and a noisy high
+    estimate would make the next chunks smaller still; so it is bounded by the first: a token beside streams
+    costs at most what it costs in a whole-batch prefill.
     """
 
     WINDOW = 9
 
     def __init__(self) -> None:
         self._decode: dict[int, deque[float]] = {}  # decode-only step seconds, by the number of generating rows
-        self._prefill: deque[float] = deque(maxlen=self.WINDOW)  # marginal seconds per prompt token
+        self._alone: deque[float] = deque(maxlen=self.WINDOW)  # seconds per token of prefill-only steps
+        self._beside: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (tokens, seconds over decode-only)
         self._copy: deque[float] = deque(maxlen=self.WINDOW)  # seconds to copy one KV cell (every layer)
 
     @property
     def prefill_token(self) -> float | None:
-        return statistics.median(self._prefill) if self._prefill else None
+        """Marginal seconds of one more prompt token in a step (None until a prefill was timed)."""
+        alone = statistics.median(self._alone) if self._alone else None
+        if not self._beside:
+            return alone
+        tokens = sum(count for count, _ in self._beside)
+        beside = sum(extra for _, extra in self._beside) / tokens
+        if alone is None:
+            return beside if beside > 0 else None
+        return min(max(beside, alone * MIN_MARGINAL_SHARE), alone)
 
     @property
     def copy_cell(self) -> float | None:
@@ -129,12 +147,13 @@ class StepCosts:
             if decode_rows > 0:
                 self._decode.setdefault(decode_rows, deque(maxlen=self.WINDOW)).append(seconds)
             return
-        base = self.decode_step(decode_rows) if decode_rows else 0.0
-        if base is None:
+        if decode_rows == 0:
+            if prefill_tokens >= MIN_TIMED_PREFILL:  # in fewer, the step's fixed cost dominates
+                self._alone.append(seconds / prefill_tokens)
             return
-        per_token = (seconds - base) / prefill_tokens
-        if per_token > 0:
-            self._prefill.append(per_token)
+        base = self.decode_step(decode_rows)
+        if base is not None:  # a step faster than the median decode-only one counts too: the noise cancels out
+            self._beside.append((prefill_tokens, seconds - base))
 
     def observe_copy(self, cells: int, seconds: float) -> None:
         if cells > 0:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.config import Settings
+from ember.config import ember_home
 from ember.errors import EmberError, InvalidRequestError, ModelNotFoundError
 from ember.store.names import ModelName, parse_model_name
 
@@ -129,7 +129,7 @@ class ModelStore:
     """The store under `root` (default EMBER_HOME/models). Cheap to create; safe across processes."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = (root if root is not None else Settings().home / "models").expanduser()
+        self.root = (root if root is not None else ember_home() / "models").expanduser()
         self.blobs = self.root / "blobs"
         self.manifests = self.root / "manifests"
         self.tmp = self.root / "tmp"

@@ -1,6 +1,8 @@
 """ember serve against llama-server, side by side in one run, alternating, through the openai client.
 
-Both servers run the default model (SmolLM2-135M-Instruct Q4_1) with the same threads and parallel slots.
+Both servers run the default model (SmolLM2-135M-Instruct Q4_1) with the same threads and parallel slots, and
+sample the same way: temperature 0 and no repeat penalty (llama-server's default; ember's, as Ollama's, is 1.1),
+so that both generate the same kind of text and the same amount of work.
 Every figure is measured on ember, then on llama-server, `--runs` times; a ratio is the median of the
 per-pair ratios ember / llama-server (the machine's speed drifts over seconds; a pair made a moment apart
 cancels most of that). Throughput ratios should be >= 1, latency ratios <= 1.
@@ -8,7 +10,8 @@ cancels most of that). Throughput ratios should be >= 1, latency ratios <= 1.
 - streams N: aggregate completion tokens/s of N concurrent 128-token chat completions
 - cold TTFT: time to first token of a chat with a ~1,300-token system prompt nobody sent before
 - ppN: prompt tokens / TTFT of a new N-token raw completion prompt (max_tokens 1)
-- TTFT under load: a short chat request arriving while 7 streams decode
+- TTFT under load: a short chat request arriving while 7 streams decode (checked: a stream that ended before
+  the short request's first token fails the run)
 - next turn / cold, K chats: K chats with ~1,300-token system prompts sent one after another, then each one's
   next turn; the median next-turn TTFT over the median cold TTFT, per server (K > slots: the cache must
   survive its slot being taken)
@@ -125,6 +128,9 @@ def _wait_healthy(server: Server, timeout: float = 180.0) -> None:
     raise RuntimeError(f"{server.name} did not become healthy within {timeout:g} s")
 
 
+SAME_SAMPLING = {"repeat_penalty": 1.0}  # llama.cpp's extension of the OpenAI body; both servers read it
+
+
 async def chat(server: Server, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, int, str]:
     """(TTFT seconds, completion tokens, text) of one streamed chat completion at temperature 0."""
     sent = time.perf_counter()
@@ -138,6 +144,7 @@ async def chat(server: Server, messages: list[dict[str, str]], max_tokens: int) 
                 temperature=0,
                 stream=True,
                 stream_options={"include_usage": True},
+                extra_body=SAME_SAMPLING,
             )
             break
         except openai.APIConnectionError:  # a kept-alive connection the server had closed: nothing was sent
@@ -184,15 +191,20 @@ async def prompt_rate(server: Server, n_tokens: int, run: int) -> float:
 
 
 async def ttft_under_load(server: Server, run: int) -> float:
-    background = [
-        asyncio.create_task(
-            chat(server, [{"role": "user", "content": f"Run {run}: a very long story number {index}."}], 400)
-        )
-        for index in range(7)
-    ]
+    async def story(index: int) -> float:
+        prompt = f"Run {run}, story {index}. Write a long, detailed story about {FACTS[index % len(FACTS)]}."
+        await chat(server, [{"role": "user", "content": prompt}], 400)
+        return time.perf_counter()
+
+    background = [asyncio.create_task(story(index)) for index in range(7)]
     try:
         await asyncio.sleep(2.0)  # the 7 streams are decoding now
-        return (await chat(server, [{"role": "user", "content": f"Say hello ({run})."}], 4))[0]
+        ttft = (await chat(server, [{"role": "user", "content": f"Say hello ({run})."}], 4))[0]
+        measured = time.perf_counter()
+        ended = [task for task in background if task.done() and not task.cancelled() and task.result() < measured]
+        if ended:
+            raise RuntimeError(f"{len(ended)} of the 7 streams ended before the short request's first token")
+        return ttft
     finally:
         for task in background:
             task.cancel()

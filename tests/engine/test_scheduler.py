@@ -240,9 +240,10 @@ def test_beside_batch_lines_alone_prompts_go_in_whole_batches() -> None:
 def test_one_cold_step_does_not_steer_the_budgets() -> None:
     costs = StepCosts()
     costs.observe_step(decode_rows=0, prefill_tokens=100, seconds=5.0)  # the first step after a load: cold
-    for _ in range(2):
-        costs.observe_step(decode_rows=0, prefill_tokens=100, seconds=0.1)  # then 1 ms a token
-    assert costs.prefill_token == 0.001  # the median, not a blend still dominated by the cold step
+    costs.observe_step(decode_rows=0, prefill_tokens=100, seconds=0.1)  # then 1 ms a token
+    assert costs.prefill_token == 0.001  # not a blend with the cold step
+    costs.observe_step(decode_rows=0, prefill_tokens=100, seconds=0.3)  # a step the machine slowed
+    assert costs.prefill_token == 0.001
 
 
 def test_noisy_small_chunks_beside_streams_cannot_shrink_the_budget_to_nothing() -> None:
@@ -264,6 +265,19 @@ def test_noisy_small_chunks_beside_streams_cannot_shrink_the_budget_to_nothing()
     for _ in range(StepCosts.WINDOW):
         costs.observe_step(decode_rows=2, prefill_tokens=20, seconds=0.009)
     assert costs.prefill_token == pytest.approx(0.0001)
+
+
+def test_a_row_count_never_run_alone_gets_a_decode_time_from_its_neighbours() -> None:
+    costs = StepCosts()
+    costs.observe_step(decode_rows=1, prefill_tokens=0, seconds=0.010)
+    costs.observe_step(decode_rows=0, prefill_tokens=100, seconds=0.2)  # 2 ms a prompt token
+    # Streams joining one by one: 3 rows have only ever run beside a prefill. Each row more costs about a token.
+    assert costs.decode_step(3) == pytest.approx(0.014)
+    assert costs.prefill_budget(3) == 7  # not the 5 that 1 row's time would give
+    costs.observe_step(decode_rows=8, prefill_tokens=0, seconds=0.024)
+    assert costs.decode_step(4) == pytest.approx(0.016)  # between the counts measured
+    assert costs.decode_step(8) == pytest.approx(0.024)
+    assert costs.decode_step(12) == pytest.approx(0.032)
 
 
 def test_deterministic_mode_prefills_exact_chunks() -> None:

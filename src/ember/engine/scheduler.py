@@ -111,11 +111,12 @@ class StepCosts:
     the budgets for long.
 
     A step costs about the decode-only time of its generating rows plus a marginal time per prefill token. That
-    marginal time is learned two ways: from prefill-only steps (seconds per token, their median), and from steps
-    that prefill beside generating rows (their time over the decode-only step's, summed, over the tokens they
-    prefilled). The second is the one the budget needs but is noisy when the chunks are small, and a noisy high
-    estimate would make the next chunks smaller still; so it is bounded by the first: a token beside streams
-    costs at most what it costs in a whole-batch prefill.
+    marginal time is learned two ways: from prefill-only steps (seconds per token, the fastest of them: noise here
+    only ever adds time, and the first steps after a load run cold), and from steps that prefill beside generating
+    rows (their time over the decode-only step's, summed, over the tokens they prefilled). The second is the one
+    the budget needs but is noisy when the chunks are small, and a noisy high estimate would make the next chunks
+    smaller still; so it is bounded by the first: a token beside streams costs at most what it costs in a
+    whole-batch prefill.
     """
 
     WINDOW = 9
@@ -129,7 +130,7 @@ class StepCosts:
     @property
     def prefill_token(self) -> float | None:
         """Marginal seconds of one more prompt token in a step (None until a prefill was timed)."""
-        alone = statistics.median(self._alone) if self._alone else None
+        alone = min(self._alone) if self._alone else None
         if not self._beside:
             return alone
         tokens = sum(count for count, _ in self._beside)
@@ -160,11 +161,26 @@ class StepCosts:
             self._copy.append(seconds / cells)
 
     def decode_step(self, rows: int) -> float | None:
-        """Seconds of a decode-only step with `rows` generating rows (the nearest count measured)."""
+        """Seconds of a decode-only step with `rows` generating rows: measured, or between the counts measured
+        nearest below and above it, or, past the largest, that count's time plus a prompt token's marginal time
+        for each row more (a row is a row to the matrix products). While streams are joining, every step also
+        prefills, so the count running now has often never run a decode-only step: taking the time of a smaller
+        count as its own would keep the prefill budget small for no reason."""
         if not self._decode:
             return None
-        nearest = min(self._decode, key=lambda measured: (abs(measured - rows), measured))
-        return statistics.median(self._decode[nearest])
+        if rows in self._decode:
+            return statistics.median(self._decode[rows])
+        below = [measured for measured in self._decode if measured < rows]
+        above = [measured for measured in self._decode if measured > rows]
+        if not below:
+            return statistics.median(self._decode[min(above)])
+        low = max(below)
+        low_time = statistics.median(self._decode[low])
+        if above:
+            high = min(above)
+            high_time = statistics.median(self._decode[high])
+            return low_time + (high_time - low_time) * (rows - low) / (high - low)
+        return low_time + (rows - low) * (self.prefill_token or 0.0)
 
     def prefill_budget(self, decode_rows: int) -> int | None:
         """Prompt tokens a step may add next to `decode_rows` generating rows and stay within ITL_FACTOR times a

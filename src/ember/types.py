@@ -225,6 +225,7 @@ class GenerateResponse(Metrics):
     stop_sequence: str | None = None  # ember's addition, on the last chunk: the stop string that ended it
     context: list[int] | None = None
     logprobs: list[TokenLogprob] | None = None  # the tokens of this chunk, when the request asked for them
+    tokens: int | None = None  # ember's addition, on a streamed chunk: the generated tokens its text covers
 
 
 class PrefillProgress(_Subscriptable):
@@ -246,6 +247,7 @@ class ChatResponse(Metrics):
     truncated_messages: int | None = None  # ember's addition, on the last chunk: oldest messages dropped to fit
     stop_sequence: str | None = None  # ember's addition, on the last chunk: the stop string that ended it
     prefill: PrefillProgress | None = None  # with report_prefill: a chunk without text, while the prompt is read
+    tokens: int | None = None  # ember's addition, on a streamed chunk: the generated tokens its text covers
 
 
 class EmbedRequest(BaseModel):

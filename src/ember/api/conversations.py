@@ -16,6 +16,7 @@
     POST   /api/conversations/{id}/messages/{mid}/continue     more of an answer, written into it
 
 With `progress: true`, a stream also carries {"prefill": {"done", "total"}} lines while a long prompt is read.
+Each line of text says how many generated tokens it covers (`tokens`): under load one line can carry several.
 
 An answer's last line (or the whole answer, with stream false) carries `conversation_id`, `message_id` and
 `context`: {used, prompt, limit, budget, dropped, summarized, strategy, messages, warning?}.
@@ -117,7 +118,10 @@ def _ndjson(events: AsyncIterator[ChatResponse | TurnResult]) -> StreamingRespon
                 elif event.prefill is not None:
                     yield (json.dumps({"prefill": event.prefill.model_dump()}) + "\n").encode()
                 elif not event.done:  # the model's final chunk goes out with the result, as one line
-                    yield (json.dumps(chunk_json(event)) + "\n").encode()
+                    line = chunk_json(event)
+                    if event.tokens:  # several steps' text can travel as one chunk: the page counts tokens
+                        line["tokens"] = event.tokens
+                    yield (json.dumps(line) + "\n").encode()
         except EmberError as error:
             yield (json.dumps({"error": str(error)}) + "\n").encode()
         finally:

@@ -49,7 +49,6 @@ PRIOR_COPY_RATIO = 0.01
 # A prompt token beside generating rows is taken to cost at least this share of one in a prefill-only step (so
 # that a run of steps timed faster than usual cannot make the budget unbounded).
 MIN_MARGINAL_SHARE = 0.1
-MIN_TIMED_PREFILL = 16  # prompt tokens a prefill-only step needs for its time per token to count
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +147,8 @@ class StepCosts:
             if decode_rows > 0:
                 self._decode.setdefault(decode_rows, deque(maxlen=self.WINDOW)).append(seconds)
             return
-        if decode_rows == 0:
-            if prefill_tokens >= MIN_TIMED_PREFILL:  # in fewer, the step's fixed cost dominates
-                self._alone.append(seconds / prefill_tokens)
+        if decode_rows == 0:  # a short prompt's time per token includes the step's fixed cost: too high, never low
+            self._alone.append(seconds / prefill_tokens)
             return
         base = self.decode_step(decode_rows)
         if base is not None:  # a step faster than the median decode-only one counts too: the noise cancels out

@@ -173,6 +173,7 @@ class RunnerProcess:
                         response=event.text,
                         thinking=event.thinking or None,
                         logprobs=list(event.logprobs) if event.logprobs else None,
+                        tokens=event.tokens,
                     ),
                 )
             elif isinstance(event, Done) and isinstance(event.final, GenerateResponse):
@@ -183,7 +184,12 @@ class RunnerProcess:
             if isinstance(event, Text):
                 message = Message.model_construct(role="assistant", content=event.text, thinking=event.thinking or None)
                 logprobs = list(event.logprobs) if event.logprobs else None
-                yield index, ChatResponse.model_construct(model=request.model, message=message, logprobs=logprobs)
+                yield (
+                    index,
+                    ChatResponse.model_construct(
+                        model=request.model, message=message, logprobs=logprobs, tokens=event.tokens
+                    ),
+                )
             elif isinstance(event, ToolCalls):
                 message = Message.model_construct(role="assistant", content="", tool_calls=list(event.calls))
                 yield index, ChatResponse.model_construct(model=request.model, message=message)

@@ -18,7 +18,7 @@ from ember.embeddings import EmbedJob
 from ember.engine.sequence import Phase, Sequence, SequenceUpdate
 from ember.loaded_model import Job, LoadedModel
 from ember.logprobs import logprob_entries
-from ember.runner.host import RunnerLoop, host_runner, resident_bytes
+from ember.runner.host import RunnerLoop, flush_interval, host_runner, resident_bytes
 from ember.runner.protocol import (
     Cancel,
     Done,
@@ -46,6 +46,8 @@ class _Runner(RunnerLoop):
         self.started: set[int] = set()  # sequences whose first text was sent
         self.embeds: deque[tuple[str, EmbedJob]] = deque()  # embedding requests, one input per loop turn
         self.prefill_watch: dict[str, int] = {}  # request id -> prompt tokens last reported (report_prefill)
+        self.unsent_tokens: dict[int, int] = {}  # sequence id -> tokens generated since its last Text
+        self.on_cpu = model.model.gpu_layers == 0
 
     def handle(self, message: Start | Cancel | Shutdown) -> None:
         if isinstance(message, Start):
@@ -113,6 +115,7 @@ class _Runner(RunnerLoop):
                 continue
             self.urgent = True
             self.started.discard(update.sequence.id)
+            self.unsent_tokens.pop(update.sequence.id, None)
             del self.jobs[update.sequence.id]
             if not any(request == request_id for request, _, _ in self.jobs.values()):
                 self.by_request.pop(request_id, None)
@@ -128,8 +131,12 @@ class _Runner(RunnerLoop):
         # The job's parsers (thinking, tool calls) hold back what may be a tag or a call, and split the rest.
         thinking, text, calls = job.parts(update)
         logprobs = tuple(logprob_entries(self.model.model, update) or ())
+        sequence_id = update.sequence.id
+        tokens = self.unsent_tokens.pop(sequence_id, 0) + (update.token is not None)
         if text or thinking or logprobs:  # the common case, per token: plain text, no response object built here
-            self.events.append(Text(request_id, text, index, logprobs, thinking))
+            self.events.append(Text(request_id, text, index, logprobs, thinking, tokens))
+        elif tokens:
+            self.unsent_tokens[sequence_id] = tokens
         if calls:  # whole calls, after the text before them
             self.events.append(ToolCalls(request_id, tuple(calls), index))
             self.urgent = True
@@ -175,6 +182,7 @@ class _Runner(RunnerLoop):
             if self.embeds:
                 self.embed_step()
             busy = engine.has_work()
+            self.flush_interval = flush_interval(len(self.jobs), on_cpu=self.on_cpu)
             self.flush(force=not busy)
             self.report_stats(force=not busy)
 

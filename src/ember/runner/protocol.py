@@ -56,6 +56,7 @@ class Text(NamedTuple):
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
     thinking: str = ""  # a thinking model's reasoning (the `<think>` part), split from the content
+    tokens: int = 1  # generated tokens this text covers (more than one when text was held back or joined)
 
 
 class ToolCalls(NamedTuple):

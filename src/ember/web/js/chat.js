@@ -352,7 +352,7 @@ export class Chat {
           if (!this.live.firstTokenAt) this.live.firstTokenAt = performance.now();
           this.live.prefill = null;
           this.live.content += line.message.content;
-          this.live.tokens += 1;
+          this.live.tokens += line.tokens ?? 1;
         }
         if (line.context) this.showMeter(line.context);
         inFrame("live-answer", () => this.paintLive());

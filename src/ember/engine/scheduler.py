@@ -110,12 +110,14 @@ class StepCosts:
     the budgets for long.
 
     A step costs about the decode-only time of its generating rows plus a marginal time per prefill token. That
-    marginal time is learned two ways: from prefill-only steps (seconds per token, the fastest of them: noise here
-    only ever adds time, and the first steps after a load run cold), and from steps that prefill beside generating
-    rows (their time over the decode-only step's, summed, over the tokens they prefilled). The second is the one
-    the budget needs but is noisy when the chunks are small, and a noisy high estimate would make the next chunks
-    smaller still; so it is bounded by the first: a token beside streams costs at most what it costs in a
-    whole-batch prefill.
+    marginal time is what the budget needs, learned from steps that prefill beside generating rows: their time
+    over the decode-only step's, per token prefilled, the median. Every such observation counts, also one below
+    zero (a step faster than the median decode-only one): with a budget of a token or two the noise is as large as
+    the signal, and dropping the low side would bias the estimate up, shrink the next chunks and feed on itself.
+    (Beside streams a token can cost more than in a whole-batch prefill: a small model on a small CPU computes a
+    few rows less efficiently than hundreds.) Until a step beside streams was timed, the prefill-only steps give
+    the estimate: their fastest time per token (noise only adds time; the first steps after a load run cold; a
+    short prompt's includes the step's fixed cost).
     """
 
     WINDOW = 9
@@ -123,7 +125,7 @@ class StepCosts:
     def __init__(self) -> None:
         self._decode: dict[int, deque[float]] = {}  # decode-only step seconds, by the number of generating rows
         self._alone: deque[float] = deque(maxlen=self.WINDOW)  # seconds per token of prefill-only steps
-        self._beside: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (tokens, seconds over decode-only)
+        self._beside: deque[float] = deque(maxlen=self.WINDOW)  # seconds over decode-only per token, beside rows
         self._copy: deque[float] = deque(maxlen=self.WINDOW)  # seconds to copy one KV cell (every layer)
 
     @property
@@ -132,11 +134,8 @@ class StepCosts:
         alone = min(self._alone) if self._alone else None
         if not self._beside:
             return alone
-        tokens = sum(count for count, _ in self._beside)
-        beside = sum(extra for _, extra in self._beside) / tokens
-        if alone is None:
-            return beside if beside > 0 else None
-        return min(max(beside, alone * MIN_MARGINAL_SHARE), alone)
+        estimate = max(statistics.median(self._beside), (alone or 0.0) * MIN_MARGINAL_SHARE)
+        return estimate if estimate > 0 else None
 
     @property
     def copy_cell(self) -> float | None:
@@ -147,12 +146,12 @@ class StepCosts:
             if decode_rows > 0:
                 self._decode.setdefault(decode_rows, deque(maxlen=self.WINDOW)).append(seconds)
             return
-        if decode_rows == 0:  # a short prompt's time per token includes the step's fixed cost: too high, never low
+        if decode_rows == 0:
             self._alone.append(seconds / prefill_tokens)
             return
         base = self.decode_step(decode_rows)
-        if base is not None:  # a step faster than the median decode-only one counts too: the noise cancels out
-            self._beside.append((prefill_tokens, seconds - base))
+        if base is not None:
+            self._beside.append((seconds - base) / prefill_tokens)
 
     def observe_copy(self, cells: int, seconds: float) -> None:
         if cells > 0:

@@ -10,6 +10,7 @@ so the cost of the pipe is paid once per step, not once per token per request.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
@@ -35,6 +36,9 @@ from ember.runner.protocol import (
 from ember.types import ChatRequest, EmbedRequest, GenerateRequest
 
 log = logging.getLogger(__name__)
+
+GATHER_GAP = 0.004  # seconds an idle model waits after a request for the next one of a burst (gather_arrivals)
+GATHER_LIMIT = 0.025  # seconds it gathers a burst at most
 
 
 class _Runner(RunnerLoop):
@@ -164,17 +168,32 @@ class _Runner(RunnerLoop):
             rss_bytes=resident_bytes(),
         )
 
+    def gather_arrivals(self) -> None:
+        """Work has come to an idle model: take the requests that arrive right behind it before the first step.
+
+        Requests sent together (several users at once, a client's concurrent calls) reach the runner a few
+        milliseconds apart. Prefilled in the same first step they all start at once; one that comes a step late
+        finds streams generating, and its prompt gets the small per-step budget that keeps their latency
+        (scheduler.py), so the burst would finish in a staggered, half-empty tail. A lone request waits
+        GATHER_GAP for company."""
+        deadline = time.monotonic() + GATHER_LIMIT
+        while self.running and time.monotonic() < deadline and self.connection.poll(GATHER_GAP):
+            self.handle(self.connection.recv())
+
     def loop(self) -> None:
         engine = self.model.engine
         self.report_stats(force=True)
         while self.running:
             # Block while idle; while there is work, only take what has already arrived.
-            wait: float | None = 0 if engine.has_work() or self.events or self.embeds else None
+            idle = not engine.has_work()
+            wait: float | None = None if idle and not self.events and not self.embeds else 0
             while self.connection.poll(wait):
                 self.handle(self.connection.recv())
                 wait = 0
                 if not self.running:
                     break
+            if idle and engine.has_work():
+                self.gather_arrivals()
             if engine.has_work():
                 self.step()
                 if self.prefill_watch:

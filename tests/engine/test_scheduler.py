@@ -226,6 +226,29 @@ def test_an_interactive_prompt_takes_the_prefill_budget_before_batch_lines() -> 
     assert all(line.n_past < 100 for line in batch_lines)
 
 
+def test_a_short_prompt_beside_streams_gets_a_step_of_its_own() -> None:
+    costs = StepCosts()
+    costs.observe_step(decode_rows=2, prefill_tokens=0, seconds=0.010)
+    costs.observe_step(decode_rows=0, prefill_tokens=500, seconds=0.5)
+    scheduler = make(slots=4, costs=costs)
+    streams = [sequence([1, 2, 3], max_new=50), sequence([4, 5, 6], max_new=50)]
+    for stream in streams:
+        scheduler.add(stream)
+    step(scheduler)
+    short = sequence(list(range(100, 108)))
+    scheduler.add(short)
+    plan = step(scheduler)
+    assert [rows.sequence for rows in plan.rows] == [short] and plan.rows[0].sample  # its whole prompt, alone
+    plan = step(scheduler)
+    assert {rows.sequence for rows in plan.rows} == {*streams, short} and plan.prefill_tokens == 0
+    # A prompt that needs several steps goes beside the streams; so does a batch line's.
+    for waiting in (sequence(list(range(200, 300))), Sequence(SequenceRequest([7, 8, 9], SAMPLING, 4, priority=2))):
+        scheduler.add(waiting)
+        plan = step(scheduler)
+        assert {*streams, short} <= {rows.sequence for rows in plan.rows} and plan.prefill_tokens > 0
+        scheduler.cancel(waiting)
+
+
 def test_beside_batch_lines_alone_prompts_go_in_whole_batches() -> None:
     costs = StepCosts()
     costs.observe_step(decode_rows=1, prefill_tokens=0, seconds=0.010)

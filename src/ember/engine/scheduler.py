@@ -24,6 +24,9 @@ gives. Either way, while streams that someone watches are generating (any but ba
 at most as many tokens as fit in one more decode step's time (see `StepCosts.prefill_budget`), so their
 inter-token latency stays within ITL_FACTOR times that of a decode-only step; what earlier steps left unspent
 (up to ITL_BURST_STEPS budgets) lets a short prompt in at once. Prompts take the budget in priority order.
+An interactive prompt that goes in whole is prefilled in a step without the streams' rows: its first token
+then waits for a small step instead of a full one (~25 ms sooner with 7 streams on 2 cores), and the streams'
+next token for one more small step's fixed cost (~5 ms).
 """
 
 from __future__ import annotations
@@ -557,8 +560,17 @@ class Scheduler:
         else:
             spent = sum(chunks.values())
             self._prefill_credit = max(0, min((ITL_BURST_STEPS - 1) * bound, self._prefill_credit + bound - spent))
+        taking = [sequence for sequence in prefilling if sequence.id in chunks]
+        # Prompts that go in whole beside watched streams (a short request) get the step to themselves: their
+        # first token comes a decode step sooner, the streams' next one later by a small step's fixed cost.
+        alone = (
+            watched
+            and bool(taking)
+            and all(s.n_past + chunks[s.id] == len(s.prompt_tokens) for s in taking)
+            and any(s.request.priority < Priority.LOW for s in taking)
+        )
         for sequence in sorted(self.running, key=lambda s: s.slot):
-            if sequence.phase is Phase.DECODE:
+            if sequence.phase is Phase.DECODE and not alone:
                 plan.rows.append(BatchRows(sequence, [sequence.next_token], sequence.n_past, True, False))
             elif sequence.id in chunks:
                 start, end = sequence.n_past, sequence.n_past + chunks[sequence.id]

@@ -230,7 +230,7 @@ def test_a_short_prompt_beside_streams_gets_a_step_of_its_own() -> None:
     costs = StepCosts()
     costs.observe_step(decode_rows=2, prefill_tokens=0, seconds=0.010)
     costs.observe_step(decode_rows=0, prefill_tokens=500, seconds=0.5)
-    scheduler = make(slots=4, costs=costs)
+    scheduler = make(slots=6, costs=costs)
     streams = [sequence([1, 2, 3], max_new=50), sequence([4, 5, 6], max_new=50)]
     for stream in streams:
         scheduler.add(stream)
@@ -241,11 +241,20 @@ def test_a_short_prompt_beside_streams_gets_a_step_of_its_own() -> None:
     assert [rows.sequence for rows in plan.rows] == [short] and plan.rows[0].sample  # its whole prompt, alone
     plan = step(scheduler)
     assert {rows.sequence for rows in plan.rows} == {*streams, short} and plan.prefill_tokens == 0
+    # Short requests arriving every step: every other step, the streams' rows go in with them.
+    arrivals = [sequence(list(range(400 + 10 * i, 405 + 10 * i)), max_new=50) for i in range(2)]
+    scheduler.add(arrivals[0])
+    assert step(scheduler).decode_rows == 0
+    scheduler.add(arrivals[1])
+    plan = step(scheduler)
+    assert set(streams) <= {rows.sequence for rows in plan.rows} and plan.prefill_tokens == 5
+    for arrival in arrivals:
+        scheduler.cancel(arrival)
     # A prompt that needs several steps goes beside the streams; so does a batch line's.
     for waiting in (sequence(list(range(200, 300))), Sequence(SequenceRequest([7, 8, 9], SAMPLING, 4, priority=2))):
         scheduler.add(waiting)
         plan = step(scheduler)
-        assert {*streams, short} <= {rows.sequence for rows in plan.rows} and plan.prefill_tokens > 0
+        assert set(streams) <= {rows.sequence for rows in plan.rows} and plan.prefill_tokens > 0
         scheduler.cancel(waiting)
 
 

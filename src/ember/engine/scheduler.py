@@ -344,6 +344,7 @@ class Scheduler:
         self._clock = 0
         self._fork_copies: list[tuple[int, Sequence]] = []  # (parent slot, fork) to copy at the next step
         self._prefill_credit = 0  # prompt tokens unspent by recent steps next to generating streams
+        self._streams_skipped = False  # the last step prefilled short prompts without the streams' rows
 
     # --- sequences in and out ---------------------------------------------------------------------------
 
@@ -562,13 +563,16 @@ class Scheduler:
             self._prefill_credit = max(0, min((ITL_BURST_STEPS - 1) * bound, self._prefill_credit + bound - spent))
         taking = [sequence for sequence in prefilling if sequence.id in chunks]
         # Prompts that go in whole beside watched streams (a short request) get the step to themselves: their
-        # first token comes a decode step sooner, the streams' next one later by a small step's fixed cost.
+        # first token comes a decode step sooner, the streams' next one later by a small step's fixed cost. Never
+        # two such steps in a row: short requests arriving every step must not starve the streams.
         alone = (
             watched
+            and not self._streams_skipped
             and bool(taking)
             and all(s.n_past + chunks[s.id] == len(s.prompt_tokens) for s in taking)
             and any(s.request.priority < Priority.LOW for s in taking)
         )
+        self._streams_skipped = alone
         for sequence in sorted(self.running, key=lambda s: s.slot):
             if sequence.phase is Phase.DECODE and not alone:
                 plan.rows.append(BatchRows(sequence, [sequence.next_token], sequence.n_past, True, False))

@@ -98,7 +98,7 @@ class ModelManager:
         self.load_retries = load_retries  # a load that failed for a transient reason is tried again ...
         self.load_backoff = load_backoff  # ... after this many seconds, doubling each time
         self.response_cache = response_cache  # None: off (EMBER_RESPONSE_CACHE)
-        self._prepared_names: set[str] = set()  # model names resolved once already (see _prepare)
+        self._prepared: set[tuple[str, bool]] = set()  # (model name, insertion) resolved once already (_prepare)
         self.entries: dict[str, LoadedModelEntry] = {}
         self._loading: dict[str, tuple[asyncio.Future[LoadedModelEntry], LoadOptions]] = {}
         self._reserved: dict[str, int] = {}  # estimated bytes of the models being loaded
@@ -198,13 +198,15 @@ class ModelManager:
 
     async def _prepare(self, request: Any, priority: str | int | None, choices: int = 1) -> Resolved[Any]:
         # The first request for a model name runs in a worker thread: it reads the GGUF's metadata (the template,
-        # the capabilities; ~10 ms, cached after). Later ones only read the store's small manifest, in well under
-        # a millisecond, here: on a busy server the hand-off to a thread and back costs 2 to 8 ms, and a request
-        # that reaches the runner after the engine's step has ended waits for a whole next step.
-        if request.model in self._prepared_names:
+        # the capabilities; ~10 ms, cached after), and its first insertion the vocabulary. Later ones only read the
+        # store's small manifest, in well under a millisecond, here: on a busy server the hand-off to a thread and
+        # back costs 2 to 8 ms, and a request that reaches the runner after the engine's step has ended waits
+        # for a whole next step.
+        key = (request.model, bool(getattr(request, "suffix", None)))
+        if key in self._prepared:
             return self.prepare(request, priority, choices)
         resolved = await asyncio.to_thread(self.prepare, request, priority, choices)
-        self._prepared_names.add(request.model)
+        self._prepared.add(key)
         return resolved
 
     def prepare(self, request: Any, priority: str | int | None = None, choices: int = 1) -> Resolved[Any]:

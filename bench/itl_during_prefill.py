@@ -16,8 +16,8 @@ import time
 
 import ember
 from ember.engine.engine import Engine
-from ember.engine.scheduler import ITL_FACTOR
 from ember.engine.sequence import Phase, SequenceRequest
+from ember.engine.step_costs import ITL_FACTOR
 from ember.options import sampling_options
 
 LONG = " ".join(f"Note {i}: the river flows past the old mill and the bridge." for i in range(120))

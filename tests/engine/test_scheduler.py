@@ -10,16 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ember
-from ember.engine.scheduler import (
-    EXACT_CHUNK,
-    ITL_BURST_STEPS,
-    ITL_FACTOR,
-    Scheduler,
-    StepCosts,
-    StepPlan,
-    common_prefix,
-)
+from ember.engine.scheduler import EXACT_CHUNK, ITL_BURST_STEPS, Scheduler, StepPlan, common_prefix
 from ember.engine.sequence import CacheSource, DoneReason, Phase, Sequence, SequenceRequest
+from ember.engine.step_costs import ITL_FACTOR, StepCosts
 from ember.options import sampling_options
 
 SAMPLING = sampling_options({"temperature": 0})

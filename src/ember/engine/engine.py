@@ -21,8 +21,9 @@ from collections.abc import Iterable, Iterator
 from ember.engine.executor import Executor
 from ember.engine.kv_disk import DiskCache
 from ember.engine.llamacpp import LlamaContext, LlamaModel
-from ember.engine.scheduler import Scheduler, StepCosts
+from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import DoneReason, Phase, SampledLogprob, Sequence, SequenceRequest, SequenceUpdate
+from ember.engine.step_costs import StepCosts
 from ember.errors import ContextOverflowError, EmberError, InvalidRequestError
 from ember.options import LoadOptions, SamplingOptions
 

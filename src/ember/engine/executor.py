@@ -15,8 +15,9 @@ from ember.engine.kv_disk import DiskCache, DiskEntry
 from ember.engine.llamacpp import LlamaContext, LlamaModel, TokenBatch
 from ember.engine.readout import sampled_logprob
 from ember.engine.sampler import Sampler
-from ember.engine.scheduler import StepCosts, StepPlan
+from ember.engine.scheduler import StepPlan
 from ember.engine.sequence import SampledLogprob, Sequence
+from ember.engine.step_costs import StepCosts
 from ember.options import LoadOptions
 
 log = logging.getLogger(__name__)

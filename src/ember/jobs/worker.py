@@ -296,7 +296,10 @@ class _Session:
             except Exception as error:
                 await self._failed(message, item, error, state.deliveries)
                 return
-            await self._note(ledger.answered, queue, item.request_id, where)
+            # Between the broker's confirm of the answer and this write, a worker that dies answers twice (its
+            # message comes back, and the ledger does not say it was answered): written here, not in a thread,
+            # so that the window is the write's own millisecond, not a thread hand-off's wait on a busy loop.
+            self._note_now(ledger.answered, queue, item.request_id, where)
             await message.ack()
             self.worker.answered += 1
             await self._follow_slots(item)
@@ -311,6 +314,14 @@ class _Session:
             with contextlib.suppress(Exception):
                 await self._dead_letter(message, None, f"internal error: {type(error).__name__}: {error}", attempts=1)
                 await message.ack()
+
+    def _note_now(self, call: Callable[..., T], *args: Any) -> T | None:
+        """A ledger call on the event loop (a small write); a database that fails is logged, as in `_note`."""
+        try:
+            return call(*args)
+        except EmberError as error:
+            log.error("the request ledger failed (%s); a redelivery may be answered again", error)
+            return None
 
     async def _note(self, call: Callable[..., T], *args: Any) -> T | None:
         """A ledger call in a thread; a database that fails is logged, and the message goes on being handled."""

@@ -316,7 +316,8 @@ class _Session:
                 await message.ack()
 
     def _note_now(self, call: Callable[..., T], *args: Any) -> T | None:
-        """A ledger call on the event loop (a small write); a database that fails is logged, as in `_note`."""
+        """A ledger call on the event loop (a small write); a database that fails is logged, and the message goes
+        on being handled."""
         try:
             return call(*args)
         except EmberError as error:
@@ -324,12 +325,8 @@ class _Session:
             return None
 
     async def _note(self, call: Callable[..., T], *args: Any) -> T | None:
-        """A ledger call in a thread; a database that fails is logged, and the message goes on being handled."""
-        try:
-            return await asyncio.to_thread(call, *args)
-        except EmberError as error:
-            log.error("the request ledger failed (%s); a redelivery may be answered again", error)
-            return None
+        """A ledger call in a thread, as `_note_now`."""
+        return await asyncio.to_thread(self._note_now, call, *args)
 
     async def _answer(self, message: AbstractIncomingMessage, item: QueuedRequest) -> str:
         """Answer, publishing chunks as they come when asked; returns the queue the answer went to."""
